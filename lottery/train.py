@@ -1,0 +1,341 @@
+"""Masked training for any flax model and optax optimizer: jitted steps, on-device epochs, replicas.
+
+Where the mask lives: gradients and optimizer updates are masked inside the step
+(`where(mask, update, 0)`), and params are masked once when training starts. A pruned weight is
+then exactly 0.0 after every step with any optax chain, whatever the optimizer state holds
+(momentum, Adam moments, weight decay): the update it receives is exactly zero. This is the cheapest
+scheme with that guarantee (see benchmarks/train_step.py).
+
+All randomness comes from the state's `key`: the data order of epoch e is a permutation drawn from
+fold_in(key, e), and augmentation at step s from fold_in(key, s). A state restored from a
+checkpoint therefore continues bit-for-bit.
+
+Replicas: a state and mask with a leading axis of size K train as one compiled program with
+`jax.vmap` (different seeds, masks or data orders per replica).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lottery import masks as masks_lib
+
+PyTree = Any
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything that determines the rest of a run: step, weights, BN stats, optimizer, PRNG key."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    key: jax.Array  # raw uint32 key data: data order and augmentation derive from it
+
+
+def learning_rate(lr: float, *, schedule: str = "constant", total_steps: int | None = None,
+                  warmup_steps: int = 0, milestones: Sequence[int] = (), gamma: float = 0.1):
+    """An optax schedule: constant, step decay by `gamma` at `milestones` (iterations) or cosine,
+    after a linear warmup of `warmup_steps`."""
+    if not lr > 0:
+        raise ValueError(f"lr={lr}: the learning rate must be > 0")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: expected one of {LR_SCHEDULES}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0")
+    if schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif schedule == "step":
+        main = optax.piecewise_constant_schedule(lr, {int(m): gamma for m in milestones})
+    else:
+        if not total_steps:
+            raise ValueError("schedule='cosine' needs total_steps > 0")
+        main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps))
+    if schedule == "step" and warmup_steps:
+        # milestones count from step 0, also during warmup
+        warm = optax.linear_schedule(0.0, lr, warmup_steps)
+        return lambda t: jnp.where(t < warmup_steps, warm(t), main(t))
+    if warmup_steps:
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main],
+                                    [warmup_steps])
+    return main
+
+
+def optimizer(name: str = "sgd", lr=0.1, *, momentum: float = 0.0, nesterov: bool = False,
+              weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """SGD (with optional momentum / Nesterov), Adam or AdamW; `lr` a float or an optax schedule.
+
+    SGD and Adam apply `weight_decay` as L2 added to the gradient (as PyTorch and OpenLTH do);
+    AdamW decouples it.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r}: expected one of {OPTIMIZERS}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay}: must be >= 0")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum}: must be in [0, 1)")
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    inner = (optax.sgd(lr, momentum=momentum or None, nesterov=nesterov) if name == "sgd"
+             else optax.adam(lr))
+    return optax.chain(optax.add_decayed_weights(weight_decay), inner) if weight_decay else inner
+
+
+def init_state(variables: PyTree, tx: optax.GradientTransformation, key: jax.Array,
+               mask: PyTree | None = None) -> TrainState:
+    """A fresh state at step 0 from model variables ({'params', optional 'batch_stats'})."""
+    params = variables["params"]
+    if mask is not None:
+        masks_lib.check(mask, params)
+        params = masks_lib.apply(params, mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      key=_key_data(key))
+
+
+def _key_data(key):
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+def cross_entropy(logits, y):
+    """Mean softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def augment_cifar(key, x):
+    """Random crop with 4-pixel zero padding and random horizontal flip, per example, on device."""
+    n, h, w, _ = x.shape
+    k1, k2, k3 = jax.random.split(key, 3)
+    padded = jnp.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    dy = jax.random.randint(k1, (n,), 0, 9)
+    dx = jax.random.randint(k2, (n,), 0, 9)
+    crop = jax.vmap(lambda im, a, b: jax.lax.dynamic_slice(im, (a, b, 0), (h, w, im.shape[-1])))
+    x = crop(padded, dy, dx)
+    flip = jax.random.bernoulli(k3, 0.5, (n,))
+    return jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+
+
+AUGMENTATIONS: dict[str, Callable | None] = {"none": None, "cifar": augment_cifar}
+
+
+class Trainer(NamedTuple):
+    """The static pieces of training: model, optimizer, batch size, augmentation, loop kind.
+
+    Hashable, so the compiled step and epoch are cached per Trainer and shared by every level.
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    batch_size: int
+    augment: str = "none"
+    loop: str = "auto"  # 'scan' (whole epoch on device), 'steps' (one jitted step per iteration)
+
+    def steps_per_epoch(self, n: int) -> int:
+        if self.batch_size > n:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the training split "
+                             f"({n} examples)")
+        return n // self.batch_size
+
+    def resolved_loop(self, params) -> str:
+        """'auto' runs whole epochs on device, except for conv nets on CPU, where a convolution's
+        gradient inside an XLA loop body is many times slower (jax-ml/jax#12868)."""
+        if self.loop != "auto":
+            return self.loop
+        has_conv = any(np.ndim(p) >= 3 for p in jax.tree.leaves(params))
+        return "steps" if has_conv and jax.default_backend() == "cpu" else "scan"
+
+
+LOOPS = ("auto", "scan", "steps")
+
+
+def _loss(trainer: Trainer, params, batch_stats, x, y):
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+        logits, updates = trainer.model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return cross_entropy(logits, y), updates["batch_stats"]
+    return cross_entropy(trainer.model.apply(variables, x, train=True), y), batch_stats
+
+
+def train_step(trainer: Trainer, state: TrainState, mask: PyTree, x, y):
+    """One masked SGD step (pure): returns (new state, training loss on the batch)."""
+    if trainer.augment != "none":
+        x = AUGMENTATIONS[trainer.augment](
+            jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), x)
+    (loss, batch_stats), grads = jax.value_and_grad(
+        functools.partial(_loss, trainer), has_aux=True)(state.params, state.batch_stats, x, y)
+    grads = masks_lib.apply(grads, mask)
+    updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, masks_lib.apply(updates, mask))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), loss
+
+
+def epoch_order(key, epoch, n: int, batch_size: int):
+    """(steps_per_epoch, batch_size) example indices of `epoch`: a permutation from fold_in(key, e)."""
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.wrap_key_data(key), epoch), n)
+    spe = n // batch_size
+    return perm[: spe * batch_size].reshape(spe, batch_size)
+
+
+def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, stop):
+    """Steps `start` to `stop` (positions within the current epoch) as one compiled `lax.scan`.
+
+    Positions outside [start, stop) are skipped with `lax.cond`, so one compiled program serves
+    every segment (resume mid-epoch, stop at a rewind iteration). Returns (state, summed loss).
+    """
+    n = x.shape[0]
+    spe = n // trainer.batch_size
+    order = epoch_order(state.key, state.step // spe, n, trainer.batch_size)
+
+    def body(carry, i):
+        state, total = carry
+
+        def do(state):
+            idx = order[i]
+            new, loss = train_step(trainer, state, mask, x[idx], y[idx])
+            return new, loss
+
+        state, loss = jax.lax.cond((i >= start) & (i < stop), do,
+                                   lambda s: (s, jnp.zeros((), jnp.float32)), state)
+        return (state, total + loss), None
+
+    (state, total), _ = jax.lax.scan(body, (state, jnp.zeros((), jnp.float32)), jnp.arange(spe))
+    return state, total
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(trainer: Trainer, replicas: bool):
+    """Jitted step, epoch and eval for a trainer; vmapped over a leading replica axis if asked."""
+    step = functools.partial(train_step, trainer)
+    epoch = functools.partial(run_epoch, trainer)
+    ev = functools.partial(_eval_sums, trainer.model)
+    if replicas:
+        step = jax.vmap(step, in_axes=(0, 0, 0, 0))
+        epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, None, None))
+        ev = jax.vmap(ev, in_axes=(0, 0, 0, None, None, None))
+    return jax.jit(step), jax.jit(epoch), jax.jit(ev, static_argnums=5)
+
+
+def _eval_sums(model, params, batch_stats, mask, x, y, batch_size):
+    """Summed loss and number correct over (x, y), evaluated in chunks of batch_size (padded)."""
+    params = masks_lib.apply(params, mask)
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    n = x.shape[0]
+    chunks = -(-n // batch_size)
+    pad = chunks * batch_size - n
+    xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(chunks, batch_size, *x.shape[1:])
+    ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
+    valid = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
+
+    def chunk(args):
+        xb, yb, vb = args
+        logits = model.apply(variables, xb, train=False)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+        correct = jnp.argmax(logits, -1) == yb
+        return jnp.sum(losses * vb), jnp.sum(correct * vb)
+
+    losses, correct = jax.lax.map(chunk, (xs, ys, valid))
+    return losses.sum(), correct.sum()
+
+
+def evaluate(trainer: Trainer, state: TrainState, mask: PyTree, x, y, *, batch_size: int = 1000,
+             replicas: bool = False) -> dict:
+    """Test loss and top-1 accuracy of the masked network (arrays of shape (K,) for replicas)."""
+    _, _, ev = _compiled(trainer, replicas)
+    bs = min(batch_size, x.shape[0])
+    loss, correct = ev(state.params, state.batch_stats, mask, jnp.asarray(x), jnp.asarray(y), bs)
+    n = x.shape[0]
+    return {"test_loss": np.asarray(loss) / n, "test_accuracy": np.asarray(correct) / n}
+
+
+def boundaries(start: int, end: int, spe: int, eval_every: int, stops: Sequence[int] = ()):
+    """Sorted steps in (start, end] where training pauses: epoch ends, eval points, stops, end."""
+    points = {end}
+    points.update(range((start // spe + 1) * spe, end, spe))
+    if eval_every:
+        points.update(range((start // eval_every + 1) * eval_every, end, eval_every))
+    points.update(s for s in stops if start < s < end)
+    return sorted(points)
+
+
+def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps: int,
+          eval_every: int | None = None, stops: Sequence[int] = (),
+          callback: Callable[[TrainState, dict], None] | None = None, replicas: bool = False,
+          progress: bool | str = True) -> tuple[TrainState, list[dict]]:
+    """Train from `state.step` to `num_steps` under `mask`; returns (state, history).
+
+    `data` has x_train, y_train, x_test, y_test (lottery.data.Dataset). The test split is
+    evaluated every `eval_every` steps (default: every epoch) and at the end. Training pauses at
+    epoch ends, eval points and the steps in `stops` (e.g. a rewind iteration); at each pause
+    `callback(state, record)` is called, record = {'step', 'train_loss', and at eval points
+    'test_loss', 'test_accuracy'}. With `replicas=True`, state and mask carry a leading axis of
+    K replicas and the record's values are arrays of shape (K,).
+    """
+    n = int(data.x_train.shape[0])
+    spe = trainer.steps_per_epoch(n)
+    if num_steps <= 0:
+        raise ValueError(f"num_steps={num_steps}: must be > 0")
+    eval_every = spe if eval_every is None else int(eval_every)
+    step_fn, epoch_fn, _ = _compiled(trainer, replicas)
+    start = int(np.asarray(state.step).reshape(-1)[0])
+    state = state.replace(params=masks_lib.apply(state.params, mask))  # identity when resuming
+    loop = trainer.resolved_loop(state.params)
+    if loop not in LOOPS[1:]:
+        raise ValueError(f"loop={trainer.loop!r}: expected one of {LOOPS}")
+    x_dev, y_dev = (jnp.asarray(data.x_train), jnp.asarray(data.y_train)) if loop == "scan" \
+        else (None, None)
+    history = []
+    bar = tqdm(total=num_steps, initial=start, disable=not progress, leave=False, unit="it",
+               desc=progress if isinstance(progress, str) else "train", dynamic_ncols=True)
+    pos = start
+    for stop in boundaries(start, num_steps, spe, eval_every, stops):
+        a, b = pos % spe, (stop - 1) % spe + 1  # positions within the epoch of steps pos..stop-1
+        if loop == "scan":
+            state, total = epoch_fn(state, mask, x_dev, y_dev, a, b)
+        else:
+            total = 0.0
+            key = state.key
+            order = np.asarray(jax.vmap(epoch_order, (0, None, None, None))(
+                key, pos // spe, n, trainer.batch_size) if replicas
+                else epoch_order(key, pos // spe, n, trainer.batch_size))
+            for i in range(a, b):
+                idx = order[:, i] if replicas else order[i]
+                state, loss = step_fn(state, mask, data.x_train[idx], data.y_train[idx])
+                total = total + loss
+        record = {"step": stop, "train_loss": np.asarray(total) / (stop - pos)}
+        if stop % eval_every == 0 or stop == num_steps:
+            record.update(evaluate(trainer, state, mask, data.x_test, data.y_test,
+                                   replicas=replicas))
+        history.append(record)
+        bar.update(stop - pos)
+        if "test_accuracy" in record:
+            bar.set_postfix(acc=f"{np.mean(record['test_accuracy']):.4f}", refresh=False)
+        if callback is not None:
+            callback(state, record)
+        pos = stop
+    bar.close()
+    return state, history
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack K pytrees of the same structure along a new leading replica axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree) -> list[PyTree]:
+    """The K pytrees of a replica-stacked pytree."""
+    k = jax.tree.leaves(tree)[0].shape[0]
+    return [jax.tree.map(lambda x: x[i], tree) for i in range(k)]
