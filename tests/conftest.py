@@ -1,0 +1,18 @@
+"""Shared test setup: every test reads and prepares datasets in one temporary TFDS data dir."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_dir(tmp_path_factory):
+    """A session-wide TFDS data dir, so tests never touch the user's ~/tensorflow_datasets."""
+    path = str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    old = os.environ.get("LOTTERY_DATA_DIR")
+    os.environ["LOTTERY_DATA_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("LOTTERY_DATA_DIR", None)
+    else:
+        os.environ["LOTTERY_DATA_DIR"] = old
