@@ -170,10 +170,14 @@ def _prune_mask(s: Setup, prev_final: train_lib.TrainState, prev_mask: PyTree) -
 
 def _start_state(s: Setup, run_dir: str, level: int, mask, prev_final):
     """The state level `level` starts from, by rewind mode, and the trainer and length it uses."""
+    mode = s.cfg.rewind
+    if level == 0:
+        init = checkpoints.restore(os.path.join(run_dir, "init"), s.variables,
+                                   hint=_hint(run_dir, 0))
+        return s.fresh_state(init, mask=mask), s.trainer, s.total
     rewind = checkpoints.restore(os.path.join(run_dir, "rewind"), s.template(),
                                  hint=_hint(run_dir, 0))
-    mode = s.cfg.rewind
-    if level == 0 or mode in ("init", "iteration"):
+    if mode in ("init", "iteration"):
         return rewind.replace(params=masks.apply(rewind.params, mask)), s.trainer, s.total
     if mode == "lr":
         return (rewind.replace(params=masks.apply(prev_final.params, mask),
