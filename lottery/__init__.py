@@ -2,9 +2,17 @@
 
 Units everywhere: density = fraction of prunable weights kept; fraction = share of the currently
 remaining weights removed in one pruning step. Nothing takes percentages.
+
+    mask = lottery.masks.init(params)
+    scores = lottery.scorers.synflow(params, mask, lottery.Inputs.create(apply_fn, input_shape=...))
+    mask = lottery.prune.to_density(scores, mask, 0.01)
+    print(lottery.masks.summary(mask))
 """
 
-from lottery import masks
+from lottery import (checkpoints, config, data, imp, masks, metrics, models, prune, schedules,
+                     scorers, steps, train)
+from lottery.scorers import Inputs
 
-__all__ = ["masks"]
+__all__ = ["checkpoints", "config", "data", "imp", "masks", "metrics", "models", "prune", "schedules",
+           "scorers", "steps", "train", "Inputs"]
 __version__ = "0.1.0"

@@ -159,10 +159,10 @@ def _prune_mask(s: Setup, prev_final: train_lib.TrainState, prev_mask: PyTree) -
     x, y = s.data.x_train[:256], s.data.y_train[:256]
     variables = {**s.variables, "batch_stats": prev_final.batch_stats} \
         if prev_final.batch_stats else s.variables
-    inputs = scorers.Inputs(apply_fn=models.inference_fn(s.model, variables),
-                            batches=((jnp.asarray(x), jnp.asarray(y)),),
-                            input_shape=(1, *s.input_shape),
-                            key=jax.random.fold_in(s.key, 2), rates=s.rates)
+    inputs = scorers.Inputs.create(models.inference_fn(s.model, variables),
+                                   ((jnp.asarray(x), jnp.asarray(y)),),
+                                   input_shape=(1, *s.input_shape),
+                                   key=jax.random.fold_in(s.key, 2), rates=s.rates)
     scores = scorer(prev_final.params, prev_mask, inputs)
     return prune.remove_fraction(scores, prev_mask, s.cfg.fraction, scope=s.cfg.scope,
                                  rates=s.rates)
