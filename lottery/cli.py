@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lottery import checkpoints
+from lottery import checkpoints, pai
 
 
 def _split_overrides(argv):
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--discard-level", type=int, default=None, metavar="N",
                    help="delete level N (and later levels) of the run and train it again, e.g. "
                         "after a corrupt checkpoint")
+    pai.add_parser(sub)
     return p
 
 
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "find-ticket":
             return find_ticket(args, overrides)
+        if args.command == "prune-at-init":
+            return pai.run(args, overrides)
     except (ValueError, FileExistsError, checkpoints.CorruptCheckpointError) as e:
         print(f"lottery {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -22,8 +22,11 @@ from lottery import steps as steps_lib
 REWINDS = ("init", "iteration", "lr", "finetune")
 SCOPES = ("global", "layerwise")
 CONTROLS = ("reinit", "random_prune")
+# Left out of the run hash: they do not change results, or they only extend a run (more levels,
+# more controls, more scorers or compression points of a prune-at-init sweep).
 UNHASHED = ("levels", "data_dir", "loop", "progress", "controls", "control_seeds",
-            "control_levels", "checkpoint_seconds", "eval_batch_size")
+            "control_levels", "checkpoint_seconds", "eval_batch_size",
+            "scorers", "compressions", "densities")
 
 
 def base() -> ml_collections.ConfigDict:

@@ -18,6 +18,7 @@ lottery-ticket paper) and the MNIST-1D models (PyTorch's default layer init, as 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -321,8 +322,13 @@ def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 def init(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:
     """Variables ('params' and, for BN models, 'batch_stats') for one example of `input_shape`."""
-    x = jnp.zeros((1, *input_shape), jnp.float32)
-    return dict(jax.jit(lambda k, x: model.init(k, x, train=False))(key, x))
+    return dict(_init(model, key, tuple(int(d) for d in input_shape)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict:
+    """Compiled once per (model, input shape): models are hashable flax dataclasses."""
+    return model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
 
 
 def inference_fn(model: nn.Module, variables: dict) -> Callable[[PyTree, jax.Array], jax.Array]:

@@ -1,0 +1,279 @@
+"""Prune-at-init sweeps end to end on a tiny config: masks, layout, collapse, resume, bad input."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lottery import checkpoints, config, imp, masks, models, pai
+
+TINY = '''
+from lottery.pai import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "mnist1d"
+    c.model = "mlp_mnist1d"
+    c.optimizer = "adam"
+    c.lr = 1e-2
+    c.batch_size = 100
+    c.training_steps = "40it"
+    c.eval_every = "20it"
+    c.scorers = "magnitude,snip,synflow"
+    c.compressions = "1,10,10000"
+    c.seeds = 2
+    c.rounds = "synflow=4"
+    c.progress = False
+    return c
+'''
+SCORERS = ("magnitude", "snip", "synflow")
+POINTS = ("c1", "c10", "c10000")
+PRUNABLE = 15000  # mlp_mnist1d kernels: 40*100 + 100*100 + 100*10 (every kernel is prunable)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("configs") / "tiny.py"
+    path.write_text(TINY)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_config, tmp_path_factory):
+    """An uninterrupted 3 scorers x 3 compressions x 2 seeds sweep."""
+    cfg = config.load(tiny_config)
+    return cfg, pai.sweep(cfg, str(tmp_path_factory.mktemp("runs")))
+
+
+_MODEL = models.create("mlp_mnist1d")
+# models.init's formula (the init find-ticket uses for a seed), compiled once for the module.
+_INIT = jax.jit(lambda k: _MODEL.init(k, jax.numpy.zeros((1, 40, 1)), train=False)["params"])
+
+
+def _seed_params(seed):
+    return _INIT(jax.random.fold_in(jax.random.key(seed), 0))
+
+
+def _mask(run_dir, scorer, point, seed, like):
+    return checkpoints.restore(os.path.join(run_dir, scorer, point, f"s{seed}", "mask"), like)
+
+
+def test_sweep_layout_counts_and_magnitude_masks(run):
+    cfg, run_dir = run
+    assert os.path.basename(run_dir).startswith("prune-at-init_mlp_mnist1d_mnist1d_")
+    assert os.path.basename(run_dir).endswith(config.run_hash(pai.normalize(cfg)))
+    assert json.load(open(os.path.join(run_dir, "config.json")))["experiment"] == "prune-at-init"
+    for seed in (0, 1):
+        params = _seed_params(seed)  # the init find-ticket uses for this seed
+        like = masks.init(params)
+        flat = np.concatenate([np.abs(np.asarray(params[k]["kernel"])).ravel()
+                               for k in ("fc1", "fc2", "out")])
+        for scorer in SCORERS:
+            for point, c in zip(POINTS, (1, 10, 10000)):
+                cdir = os.path.join(run_dir, scorer, point)
+                assert imp.is_done(cdir)
+                m = _mask(run_dir, scorer, point, seed, like)
+                kept = int(np.floor(PRUNABLE / c + 0.5))  # round-half-up(N / compression)
+                assert sum(k for k, _ in masks.counts(m).values()) == kept
+                assert all(np.all(np.asarray(m[k]["bias"])) for k in ("fc1", "fc2", "out"))
+                info = json.load(open(os.path.join(cdir, f"s{seed}", "info.json")))
+                assert (info["kept"], info["total"]) == (kept, PRUNABLE)
+                steps = [r["step"] for r in imp.read_metrics(
+                    os.path.join(cdir, f"s{seed}", "metrics.jsonl"))]
+                assert steps == [20, 40]
+                if scorer == "magnitude":  # the kept weights are the top-|θ| ones of this init
+                    got = np.concatenate([np.asarray(m[k]["kernel"]).ravel()
+                                          for k in ("fc1", "fc2", "out")])
+                    want = np.zeros(PRUNABLE, bool)
+                    want[np.argsort(-flat, kind="stable")[:kept]] = True
+                    np.testing.assert_array_equal(got, want)
+    m0 = _mask(run_dir, "snip", "c10", 0, masks.init(_seed_params(0)))
+    m1 = _mask(run_dir, "snip", "c10", 1, m0)
+    assert masks.jaccard(m0, m1)["fc1/kernel"] < 0.9  # seeds are different inits
+
+
+def test_dense_point_is_trained_once_and_shared(run):
+    _, run_dir = run
+    ref = os.path.join(run_dir, "magnitude", "c1")
+    for scorer in ("snip", "synflow"):
+        rec = json.load(open(os.path.join(run_dir, scorer, "c1", "collapse.json")))
+        assert rec["reused_from"] == "magnitude" and rec["density"] == 1.0
+        for seed in (0, 1):
+            a = open(os.path.join(ref, f"s{seed}", "metrics.jsonl")).read()
+            b = os.path.join(run_dir, scorer, "c1", f"s{seed}", "metrics.jsonl")
+            assert open(b).read() == a
+    rec = json.load(open(os.path.join(run_dir, "snip", "c10", "collapse.json")))
+    assert rec["reused_from"] is None and rec["rounds"] == 1
+    assert json.load(open(os.path.join(run_dir, "synflow", "c10", "collapse.json")))["rounds"] == 4
+
+
+def test_summary_matches_metrics_files(run):
+    _, run_dir = run
+    rows = pai.summary(run_dir)
+    assert [(r["scorer"], r["compression"]) for r in rows] == [
+        (s, c) for s in SCORERS for c in (1.0, 10.0, 10000.0)]
+    for r in rows:
+        point = "c" + {1.0: "1", 10.0: "10", 10000.0: "10000"}[r["compression"]]
+        accs = [imp.read_metrics(os.path.join(run_dir, r["scorer"], point, f"s{s}",
+                                              "metrics.jsonl"))[-1]["test_accuracy"]
+                for s in (0, 1)]
+        assert r["seeds"] == [0, 1] and r["accuracies"] == accs
+        assert r["accuracy_mean"] == pytest.approx(np.mean(accs))
+        assert r["accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+        assert r["density"] == pytest.approx(1 / r["compression"])
+    assert rows[0]["accuracy_mean"] > 0.3  # 40 Adam steps on MNIST-1D beat chance (0.1)
+    table = pai.format_table(rows)
+    assert table.count("\n") == len(rows)
+
+
+def test_collapse_marker_fires_on_constructed_case(run, tmp_path):
+    # Compression 10000 keeps round(1.5) = 2 of the 15,000 weights spread over 3 layers, so at
+    # least one layer is empty; for magnitude, which ones follows from the init alone.
+    _, run_dir = run
+    for seed in (0, 1):
+        params = _seed_params(seed)
+        sizes = {k: np.size(params[k]["kernel"]) for k in ("fc1", "fc2", "out")}
+        flat = np.concatenate([np.abs(np.asarray(params[k]["kernel"])).ravel() for k in sizes])
+        top = np.argsort(-flat)[:2]
+        edges = np.cumsum([0] + list(sizes.values()))
+        owners = {list(sizes)[np.searchsorted(edges, i, side="right") - 1] for i in top}
+        want = [f"{k}/kernel" for k in sizes if k not in owners]
+        rec = json.load(open(os.path.join(run_dir, "magnitude", "c10000", "collapse.json")))
+        assert rec["collapsed"][str(seed)] == want and want
+    # Every cell's record lists exactly the kernels its saved mask leaves empty.
+    like = masks.init(_seed_params(0))
+    expected_marks = []
+    for scorer in SCORERS:
+        for point, c in zip(POINTS, (1.0, 10.0, 10000.0)):
+            rec = json.load(open(os.path.join(run_dir, scorer, point, "collapse.json")))
+            for seed in (0, 1):
+                m = _mask(run_dir, scorer, point, seed, like)
+                empty = [f"{k}/kernel" for k in ("fc1", "fc2", "out")
+                         if not np.asarray(m[k]["kernel"]).any()]
+                assert rec["collapsed"][str(seed)] == empty
+                assert bool(empty) == (c == 10000.0) or (scorer == "magnitude" and c == 10.0)
+            if any(rec["collapsed"].values()):
+                expected_marks.append((scorer, c))
+    rows = pai.summary(run_dir)
+    assert sorted((r["scorer"], r["compression"]) for r in rows if r["collapsed_seeds"]) == \
+        sorted(expected_marks)
+    assert "/kernel (2/2)" in pai.format_table(rows)
+    png = tmp_path / "plot.png"
+    assert sorted(pai.plot(run_dir, str(png))) == sorted(expected_marks)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kill_and_resume_equals_uninterrupted(run, tiny_config, tmp_path):
+    _, ref_dir = run
+    work = tmp_path / "killed"
+    code = (f"import sys; from lottery import config, pai; "
+            f"pai.sweep(config.load({tiny_config!r}), {str(work)!r})")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(work.glob("*/*/*/DONE")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    (run_dir,) = list(work.glob("prune-at-init_*"))
+    assert run_dir.name == os.path.basename(ref_dir)
+    done = sorted(p.parent for p in run_dir.glob("*/*/DONE"))
+    assert 1 <= len(done) < len(SCORERS) * len(POINTS)
+    before = {p: p.stat().st_mtime_ns for d in done for p in d.rglob("*")}
+    assert pai.sweep(config.load(tiny_config), str(work)) == str(run_dir)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished cells untouched
+    for scorer in SCORERS:
+        for point in POINTS:
+            for seed in (0, 1):
+                rel = os.path.join(scorer, point, f"s{seed}")
+                a = open(os.path.join(ref_dir, rel, "metrics.jsonl")).read()
+                assert open(os.path.join(run_dir, rel, "metrics.jsonl")).read() == a
+                ma = checkpoints.restore(os.path.join(ref_dir, rel, "mask"))
+                mb = checkpoints.restore(os.path.join(run_dir, rel, "mask"))
+                assert all(np.array_equal(x, y)
+                           for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)))
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="lottery")
+    pai.add_parser(p.add_subparsers(dest="command"))
+    return p, p.parse_args(["prune-at-init", *argv])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--scorers", "snip,obd"], "unknown scorer 'obd'; known scorers: gradient_magnitude, "
+                                "grasp, magnitude, random, snip, synflow"),
+    (["--compression", "1,0.5"], "compression=0.5: a compression ratio"),
+    (["--compression", "10^-1"], "must be >= 1"),
+    (["--density", "0.1,1.5"], "density=1.5: a density (fraction of prunable weights kept) "
+                               "must be in (0, 1]"),
+    (["--density", "0"], "must be in (0, 1]"),
+    (["--compression", "10,10"], "10 is given twice"),
+    (["--seeds", "0"], "seeds=0: must be >= 1"),
+])
+def test_bad_input_is_one_line_before_any_work(tiny_config, tmp_path, flags, message):
+    workdir = tmp_path / "never"
+    _, args = _parse(["--config", tiny_config, "--workdir", str(workdir), *flags])
+    with pytest.raises(ValueError) as e:
+        pai.run(args, [])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not workdir.exists()
+
+
+def test_flags_override_config_and_units_never_mix(tiny_config, tmp_path):
+    parser, args = _parse(["--config", tiny_config, "--scorers", "random", "--density", "0.5"])
+    cfg = pai.normalize(pai.config_from_args(args, ["seeds=1", "compressions=3"]))
+    assert (cfg.scorers, cfg.compressions, cfg.densities, cfg.seeds) == ("random", "", "0.5", 1)
+    _, args = _parse(["--config", tiny_config, "--compression", "10^1,1e2"])
+    cfg = pai.normalize(pai.config_from_args(args))
+    assert (cfg.compressions, cfg.densities) == ("10,100", "")
+    assert [p.name for p in pai.parse_points(cfg.compressions, "")] == ["c10", "c100"]
+    with pytest.raises(SystemExit):  # argparse: not allowed with argument --compression
+        parser.parse_args(["prune-at-init", "--config", "x", "--compression", "10",
+                           "--density", "0.1"])
+    with pytest.raises(ValueError, match="one unit only"):
+        pai.normalize(config.load(tiny_config, ["densities=0.1"]))
+    help_text = parser._subparsers._group_actions[0].choices["prune-at-init"].format_help()
+    assert "1/density" in help_text and ">= 1" in help_text and "PRUNABLE" in help_text
+    ticket = tmp_path / "ticket.py"
+    ticket.write_text("from lottery.config import base\n\ndef get_config():\n    return base()\n")
+    _, args = _parse(["--config", str(ticket)])
+    with pytest.raises(ValueError, match="'find-ticket' config"):
+        pai.run(args, [])
+
+
+def test_prune_examples_are_distinct_training_rows_per_seed(tiny_config):
+    from lottery import data as data_lib
+    cfg = config.load(tiny_config)
+    d = data_lib.load("mnist1d")
+    b0, b1 = pai.prune_batches(cfg, d, 0), pai.prune_batches(cfg, d, 1)
+    x0 = np.asarray(b0[0][0]).reshape(100, -1)
+    assert len(b0) == 1 and x0.shape[0] == 100  # 10 x 10 classes, one batch of <= 256
+    rows = {r.tobytes(): i for i, r in enumerate(np.asarray(d.x_train).reshape(len(d.x_train), -1))}
+    idx = [rows[r.tobytes()] for r in x0]
+    assert len(set(idx)) == 100
+    np.testing.assert_array_equal(np.asarray(b0[0][1]), np.asarray(d.y_train)[idx])
+    assert not np.array_equal(np.asarray(b1[0][0]), np.asarray(b0[0][0]))
+    cfg.prune_examples, cfg.prune_batch_size = 30, 16
+    assert [len(b[1]) for b in pai.prune_batches(cfg, d, 0)] == [16, 14]
+
+
+@pytest.mark.parametrize("name", ["pai_lenet300_mnist5k", "pai_cnn_mnist1d", "pai_vgg16_cifar10"])
+def test_shipped_configs_validate(name):
+    cfg = pai.normalize(config.load(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                 f"{name}.py")))
+    points = pai.parse_points(cfg.compressions, cfg.densities)
+    assert points[0].compression == 1.0 and all(p.compression >= 1 for p in points)
+    assert pai.parse_rounds(cfg.rounds) == {"synflow": 100} and cfg.exclude == ""
+    assert set(pai.parse_scorers(cfg.scorers)) == {"snip", "grasp", "synflow", "magnitude",
+                                                   "random"}
