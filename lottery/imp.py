@@ -127,6 +127,9 @@ def check_workdir(workdir: str) -> None:
 
 def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     """Validate the config, create (or reopen) its run directory and save the resolved config."""
+    if cfg.experiment != "find-ticket":
+        raise ValueError(f"experiment={cfg.experiment!r}: this config is for `lottery "
+                         f"{cfg.experiment}`, not `lottery find-ticket`")
     config_lib.validate(cfg)
     check_workdir(workdir)
     run_dir = os.path.join(workdir, config_lib.run_name(cfg))
