@@ -9,10 +9,10 @@ remaining weights removed in one pruning step. Nothing takes percentages.
     print(lottery.masks.summary(mask))
 """
 
-from lottery import (checkpoints, config, data, imp, masks, metrics, models, prune, schedules,
-                     scorers, steps, train)
+from lottery import (checkpoints, compact, config, data, export, imp, masks, metrics, models, pai,
+                     prune, schedules, scorers, sparse, steps, train)
 from lottery.scorers import Inputs
 
-__all__ = ["checkpoints", "config", "data", "imp", "masks", "metrics", "models", "prune", "schedules",
-           "scorers", "steps", "train", "Inputs"]
+__all__ = ["checkpoints", "compact", "config", "data", "export", "imp", "masks", "metrics", "models",
+           "pai", "prune", "schedules", "scorers", "sparse", "steps", "train", "Inputs"]
 __version__ = "0.1.0"
