@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
+    from lottery import distributed  # noqa: PLC0415
+    distributed.initialize()  # joins a multi-process job when the environment describes one
     try:
         if args.command == "find-ticket":
             return find_ticket(args, overrides)

@@ -26,7 +26,7 @@ CONTROLS = ("reinit", "random_prune")
 # more controls, more scorers or compression points of a prune-at-init sweep).
 UNHASHED = ("levels", "data_dir", "loop", "progress", "controls", "control_seeds",
             "control_levels", "checkpoint_seconds", "eval_batch_size",
-            "scorers", "compressions", "densities")
+            "scorers", "compressions", "densities", "devices")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -72,6 +72,7 @@ def base() -> ml_collections.ConfigDict:
     c.control_levels = ""  # comma-separated levels ('' = every pruned level)
     # runtime
     c.checkpoint_seconds = 30.0  # in-level checkpoints at eval points, at most this often
+    c.devices = "all"  # data-parallel devices: 'all' or a count ('4'); batch_size a multiple
     c.progress = True
     return c
 
@@ -174,6 +175,9 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
         raise ValueError(f"weight_decay={cfg.weight_decay}: must be >= 0")
     if not 0 <= cfg.momentum < 1:
         raise ValueError(f"momentum={cfg.momentum}: must be in [0, 1)")
+    d = str(cfg.devices).strip().lower()
+    if d != "all" and not (d.isdigit() and int(d) >= 1):
+        raise ValueError(f"devices={cfg.devices!r}: expected 'all' or a positive number of devices")
     if cfg.control_seeds < 1:
         raise ValueError(f"control_seeds={cfg.control_seeds}: must be >= 1")
     parse_rates(cfg.rates)

@@ -28,13 +28,16 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from lottery import checkpoints, config as config_lib, data as data_lib, masks, models, prune
+from lottery import checkpoints, config as config_lib, data as data_lib, distributed, masks
+from lottery import models, prune
 from lottery import scorers, steps as steps_lib, train as train_lib
 
 PyTree = Any
 
 
 def _write_json_atomic(path: str, obj) -> None:
+    if not distributed.is_main_process():  # plain files: process 0 only
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -58,13 +61,23 @@ def read_metrics(path: str) -> list[dict]:
 
 def _truncate_metrics(path: str, last_step: int) -> None:
     """Drop lines written after the checkpoint we resume from (they will be written again)."""
+    if not distributed.is_main_process():
+        return
     kept = [r for r in read_metrics(path) if r["step"] <= last_step]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)
 
 
+def _rmtree(path: str) -> None:
+    """Delete a directory if it exists (process 0 only: the others share its filesystem)."""
+    if distributed.is_main_process():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _append_metrics(path: str, record: dict) -> None:
+    if not distributed.is_main_process():
+        return
     with open(path, "a") as f:
         f.write(json.dumps({k: _to_py(v) for k, v in record.items()}) + "\n")
         f.flush()
@@ -93,7 +106,9 @@ class Setup:
             gamma=cfg.gamma)
         self.tx = train_lib.optimizer(cfg.optimizer, lr, momentum=cfg.momentum,
                                       nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        self.trainer = train_lib.Trainer(self.model, self.tx, cfg.batch_size, cfg.augment, cfg.loop)
+        self.mesh = distributed.data_mesh(cfg.devices, cfg.batch_size)  # None: one device
+        self.trainer = train_lib.Trainer(self.model, self.tx, cfg.batch_size, cfg.augment, cfg.loop,
+                                         mesh=self.mesh)
         if cfg.rewind == "finetune":
             self.finetune_steps = parse(cfg.finetune_steps or cfg.training_steps, "finetune_steps")
             self.ft_tx = train_lib.optimizer(cfg.optimizer, cfg.finetune_lr, momentum=cfg.momentum,
@@ -117,7 +132,7 @@ def check_workdir(workdir: str) -> None:
     """Fail early, with the path, if `workdir` cannot be created or written."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -159,14 +174,21 @@ def _mark_done(path: str) -> None:
 def _prune_mask(s: Setup, prev_final: train_lib.TrainState, prev_mask: PyTree) -> PyTree:
     """Level L's mask: remove `fraction` of level L-1's surviving weights by the scorer."""
     scorer = scorers.get(s.cfg.scorer)
-    x, y = s.data.x_train[:256], s.data.y_train[:256]
+    n = 256 // s.mesh.size * s.mesh.size if s.mesh is not None else 256  # devices divide it
+    x, y = s.data.x_train[:n], s.data.y_train[:n]
     variables = {**s.variables, "batch_stats": prev_final.batch_stats} \
         if prev_final.batch_stats else s.variables
     inputs = scorers.Inputs.create(models.inference_fn(s.model, variables),
                                    ((jnp.asarray(x), jnp.asarray(y)),),
                                    input_shape=(1, *s.input_shape),
                                    key=jax.random.fold_in(s.key, 2), rates=s.rates)
-    scores = scorer(prev_final.params, prev_mask, inputs)
+    params, mask = prev_final.params, prev_mask
+    if s.mesh is not None:  # scorer gradients over the batch split across devices
+        inputs = distributed.shard_inputs(inputs, s.mesh)
+        params, mask = distributed.replicate((params, mask), s.mesh)
+    scores = scorer(params, mask, inputs)
+    if s.mesh is not None:
+        scores = jax.tree.map(np.asarray, scores)  # prune on host, as with one device
     return prune.remove_fraction(scores, prev_mask, s.cfg.fraction, scope=s.cfg.scope,
                                  rates=s.rates)
 
@@ -199,10 +221,10 @@ def discard_level(run_dir: str, level: int) -> None:
     """Delete level `level` and every later level (and the rewind point if level is 0)."""
     for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
         if name.startswith("level_") and int(name.split("_")[1]) >= level:
-            shutil.rmtree(os.path.join(run_dir, name))
+            _rmtree(os.path.join(run_dir, name))
     if level == 0:
         for name in ("rewind", "init"):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            _rmtree(os.path.join(run_dir, name))
 
 
 def _train_level(s: Setup, run_dir: str, level: int, mask, prev_final, bar_desc: str):
@@ -217,7 +239,7 @@ def _train_level(s: Setup, run_dir: str, level: int, mask, prev_final, bar_desc:
         state = checkpoints.restore(os.path.join(ckdir, str(done[-1])), template,
                                     hint=_hint(run_dir, level))
         _truncate_metrics(metrics_path, done[-1])
-    elif os.path.exists(metrics_path):
+    elif os.path.exists(metrics_path) and distributed.is_main_process():
         os.remove(metrics_path)
     rewind_path = os.path.join(run_dir, "rewind")
     need_rewind = level == 0 and s.rewind_step > 0 and not checkpoints.exists(rewind_path)
@@ -232,17 +254,21 @@ def _train_level(s: Setup, run_dir: str, level: int, mask, prev_final, bar_desc:
             if step < total and _now() - last_save[0] >= s.cfg.checkpoint_seconds:
                 checkpoints.save(os.path.join(ckdir, str(step)), st)
                 for old in (d for d in os.listdir(ckdir) if d.isdigit() and int(d) < step):
-                    shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
+                    _rmtree(os.path.join(ckdir, old))
                 last_save[0] = _now()
 
     stops = (s.rewind_step,) if need_rewind else ()
     state, _ = train_lib.train(trainer, state, mask, s.data, num_steps=total,
                                eval_every=s.eval_every, stops=stops, callback=callback,
-                               progress=bar_desc if s.cfg.progress else False)
+                               progress=bar_desc if _progress(s.cfg) else False)
     checkpoints.save(os.path.join(ldir, "final"), state)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    _rmtree(ckdir)
     _mark_done(ldir)
     return state
+
+
+def _progress(cfg) -> bool:
+    return cfg.progress and distributed.is_main_process()
 
 
 def _now():
@@ -256,7 +282,7 @@ def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
     cdir = os.path.join(level_dir(run_dir, level), "controls")
     if is_done(cdir):
         return
-    shutil.rmtree(cdir, ignore_errors=True)
+    _rmtree(cdir)
     start, trainer, total = _start_state(s, run_dir, level, mask, prev_final)
     names, states, cmasks = [], [], []
     for kind in config_lib.split(s.cfg.controls):
@@ -276,7 +302,7 @@ def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
         return
     _, hist = train_lib.train(trainer, train_lib.stack(states), train_lib.stack(cmasks), s.data,
                               num_steps=total, eval_every=s.eval_every, replicas=True,
-                              progress=f"level {level} controls" if s.cfg.progress else False)
+                              progress=f"level {level} controls" if _progress(s.cfg) else False)
     for i, (name, m) in enumerate(zip(names, cmasks)):
         d = os.path.join(cdir, name)
         os.makedirs(d, exist_ok=True)
@@ -301,7 +327,7 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
         discard_level(run_dir, discard)
     init_path = os.path.join(run_dir, "init")
     if not checkpoints.exists(init_path):
-        shutil.rmtree(init_path, ignore_errors=True)
+        _rmtree(init_path)
         checkpoints.save(init_path, s.variables)
     init_vars = checkpoints.restore(init_path, s.variables, hint=_hint(run_dir, 0))
     rewind_path = os.path.join(run_dir, "rewind")
@@ -309,7 +335,7 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
         checkpoints.save(rewind_path, s.fresh_state(init_vars))
     control_levels = {int(v) for v in config_lib.split(cfg.control_levels)}
     mask, prev_final = masks.init(init_vars["params"]), None
-    levels = tqdm(range(cfg.levels + 1), desc="levels", disable=not cfg.progress, unit="level")
+    levels = tqdm(range(cfg.levels + 1), desc="levels", disable=not _progress(cfg), unit="level")
     for level in levels:
         ldir = level_dir(run_dir, level)
         mask_path = os.path.join(ldir, "mask")
@@ -321,7 +347,7 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
         counts = masks.counts(mask, s.rates)
         if not checkpoints.exists(mask_path):
             os.makedirs(ldir, exist_ok=True)
-            shutil.rmtree(mask_path, ignore_errors=True)
+            _rmtree(mask_path)
             checkpoints.save(mask_path, mask)
         if not os.path.exists(os.path.join(ldir, "info.json")):
             kept, total = (sum(c[i] for c in counts.values()) for i in (0, 1))

@@ -12,6 +12,11 @@ checkpoint therefore continues bit-for-bit.
 
 Replicas: a state and mask with a leading axis of size K train as one compiled program with
 `jax.vmap` (different seeds, masks or data orders per replica).
+
+Data parallelism: with `Trainer(mesh=lottery.distributed.data_mesh(...))` every batch is split
+over the mesh's 'batch' axis and state and mask are replicated; the step is the same jitted
+function and XLA inserts the gradient all-reduce. Replicas compose with it: the replica axis is
+not sharded, every device trains all K replicas on its share of each batch.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from lottery import distributed
 from lottery import masks as masks_lib
 
 PyTree = Any
@@ -134,6 +140,8 @@ class Trainer(NamedTuple):
     """The static pieces of training: model, optimizer, batch size, augmentation, loop kind.
 
     Hashable, so the compiled step and epoch are cached per Trainer and shared by every level.
+    `mesh`: a `jax.sharding.Mesh` with a 'batch' axis (`distributed.data_mesh`) to split every
+    batch over its devices; None (default) trains on the default device.
     """
 
     model: nn.Module
@@ -141,6 +149,7 @@ class Trainer(NamedTuple):
     batch_size: int
     augment: str = "none"
     loop: str = "auto"  # 'scan' (whole epoch on device), 'steps' (one jitted step per iteration)
+    mesh: Any = None  # jax.sharding.Mesh | None
 
     def steps_per_epoch(self, n: int) -> int:
         if self.batch_size > n:
@@ -205,7 +214,8 @@ def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, st
 
         def do(state):
             idx = order[i]
-            new, loss = train_step(trainer, state, mask, x[idx], y[idx])
+            new, loss = train_step(trainer, state, mask, _split(trainer.mesh, x[idx]),
+                                   _split(trainer.mesh, y[idx]))
             return new, loss
 
         state, loss = jax.lax.cond((i >= start) & (i < stop), do,
@@ -216,20 +226,31 @@ def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, st
     return state, total
 
 
+def _split(mesh, x):
+    """Inside jit: `x` split over the mesh's 'batch' axis along its first axis (no-op without)."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, distributed.batch_sharding(mesh))
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(trainer: Trainer, replicas: bool):
     """Jitted step, epoch and eval for a trainer; vmapped over a leading replica axis if asked."""
     step = functools.partial(train_step, trainer)
     epoch = functools.partial(run_epoch, trainer)
-    ev = functools.partial(_eval_sums, trainer.model)
+    ev = functools.partial(_eval_sums, trainer.model, mesh=trainer.mesh)
     if replicas:
         step = jax.vmap(step, in_axes=(0, 0, 0, 0))
         epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, None, None))
         ev = jax.vmap(ev, in_axes=(0, 0, 0, None, None, None))
-    return jax.jit(step), jax.jit(epoch), jax.jit(ev, static_argnums=5)
+    if trainer.mesh is None:
+        return jax.jit(step), jax.jit(epoch), jax.jit(ev, static_argnums=5)
+    out = distributed.replicated(trainer.mesh)  # every output whole on every device
+    return (jax.jit(step, out_shardings=out), jax.jit(epoch, out_shardings=out),
+            jax.jit(ev, static_argnums=5, out_shardings=out))
 
 
-def _eval_sums(model, params, batch_stats, mask, x, y, batch_size):
+def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None):
     """Summed loss and number correct over (x, y), evaluated in chunks of batch_size (padded)."""
     params = masks_lib.apply(params, mask)
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
@@ -239,6 +260,9 @@ def _eval_sums(model, params, batch_stats, mask, x, y, batch_size):
     xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(chunks, batch_size, *x.shape[1:])
     ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
     valid = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
+    if mesh is not None:  # each device evaluates its share of every chunk
+        sharding = distributed.batch_sharding(mesh, axis=1)
+        xs, ys, valid = (jax.lax.with_sharding_constraint(a, sharding) for a in (xs, ys, valid))
 
     def chunk(args):
         xb, yb, vb = args
@@ -256,7 +280,13 @@ def evaluate(trainer: Trainer, state: TrainState, mask: PyTree, x, y, *, batch_s
     """Test loss and top-1 accuracy of the masked network (arrays of shape (K,) for replicas)."""
     _, _, ev = _compiled(trainer, replicas)
     bs = min(batch_size, x.shape[0])
-    loss, correct = ev(state.params, state.batch_stats, mask, jnp.asarray(x), jnp.asarray(y), bs)
+    if trainer.mesh is None:
+        x, y = jnp.asarray(x), jnp.asarray(y)
+    else:  # chunks a multiple of the device count; padding is masked out
+        d = trainer.mesh.size
+        bs = -(-bs // d) * d
+        state, mask, x, y = distributed.replicate((state, mask, x, y), trainer.mesh)
+    loss, correct = ev(state.params, state.batch_stats, mask, x, y, bs)
     n = x.shape[0]
     return {"test_loss": np.asarray(loss) / n, "test_accuracy": np.asarray(correct) / n}
 
@@ -283,11 +313,19 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     `callback(state, record)` is called, record = {'step', 'train_loss', and at eval points
     'test_loss', 'test_accuracy'}. With `replicas=True`, state and mask carry a leading axis of
     K replicas and the record's values are arrays of shape (K,).
+
+    With `trainer.mesh`, state and mask are replicated on its devices, every batch is split over
+    them (each process transfers only its rows) and the returned state is replicated.
     """
     n = int(data.x_train.shape[0])
     spe = trainer.steps_per_epoch(n)
     if num_steps <= 0:
         raise ValueError(f"num_steps={num_steps}: must be > 0")
+    mesh, rows = trainer.mesh, None
+    if mesh is not None:
+        distributed.check_batch(trainer.batch_size, mesh.size)
+        state, mask = distributed.replicate((state, mask), mesh)
+        rows = distributed.local_rows(mesh, trainer.batch_size)  # this process's share
     eval_every = spe if eval_every is None else int(eval_every)
     step_fn, epoch_fn, _ = _compiled(trainer, replicas)
     start = int(np.asarray(state.step).reshape(-1)[0])
@@ -295,8 +333,11 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     loop = trainer.resolved_loop(state.params)
     if loop not in LOOPS[1:]:
         raise ValueError(f"loop={trainer.loop!r}: expected one of {LOOPS}")
-    x_dev, y_dev = (jnp.asarray(data.x_train), jnp.asarray(data.y_train)) if loop == "scan" \
-        else (None, None)
+    x_dev = y_dev = None
+    if loop == "scan" and mesh is None:
+        x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    elif loop == "scan":  # the whole split on every device; each step's batch is split in jit
+        x_dev, y_dev = distributed.replicate((data.x_train, data.y_train), mesh)
     history = []
     bar = tqdm(total=num_steps, initial=start, disable=not progress, leave=False, unit="it",
                desc=progress if isinstance(progress, str) else "train", dynamic_ncols=True)
@@ -313,7 +354,8 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
                 else epoch_order(key, pos // spe, n, trainer.batch_size))
             for i in range(a, b):
                 idx = order[:, i] if replicas else order[i]
-                state, loss = step_fn(state, mask, data.x_train[idx], data.y_train[idx])
+                xb, yb = _host_batch(data, idx, mesh, rows)
+                state, loss = step_fn(state, mask, xb, yb)
                 total = total + loss
         record = {"step": stop, "train_loss": np.asarray(total) / (stop - pos)}
         if stop % eval_every == 0 or stop == num_steps:
@@ -328,6 +370,17 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         pos = stop
     bar.close()
     return state, history
+
+
+def _host_batch(data, idx, mesh, rows):
+    """The training examples at `idx` ((B,) or (K, B) for replicas): this process's rows of
+    them, split over `mesh`'s devices, or all rows as host arrays without a mesh."""
+    if mesh is None:
+        return data.x_train[idx], data.y_train[idx]
+    local = idx[..., rows]
+    axis = idx.ndim - 1
+    return tuple(distributed.batch_from_local(a[local], mesh, idx.shape[-1], axis)
+                 for a in (data.x_train, data.y_train))
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:

@@ -1,0 +1,535 @@
+"""Read what a run saved: config, levels, masks, weights, metrics, and mask comparisons.
+
+`Run(path)` opens a run directory written by `lottery.imp` (layout in its module docstring) and
+loads everything on first use, so opening is instant and works while the run is still going:
+a level counts as complete once its DONE file exists; other level directories are listed as
+incomplete. Nothing here writes to the run directory.
+
+Per level (`Run.level_info`): kept/total/density of the prunable weights, ShrinkBench's
+compression ratio (all parameters / non-zero parameters of the masked final weights) and
+theoretical speedup (dense MACs / remaining MACs of the Dense and Conv layers, see
+`lottery.metrics`), best and final test accuracy, and the final accuracies of the controls.
+
+Units: density = fraction of prunable weights kept; accuracies are fractions in [0, 1].
+The `lottery inspect` and `lottery compare` commands are `add_parser` / `run` below.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from lottery import checkpoints, config as config_lib, data as data_lib, masks
+from lottery import metrics as metrics_lib, models
+
+PyTree = Any
+
+
+class RewindPoint(NamedTuple):
+    """The state later levels rewind to: weights, optimizer state and step (raw pytrees)."""
+
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    step: int
+    key: np.ndarray  # raw uint32 key data of the data order
+
+
+def format_levels(levels) -> str:
+    """'0-3, 5, 7-8' for [0, 1, 2, 3, 5, 7, 8]; 'none' for []."""
+    levels, parts, i = sorted(levels), [], 0
+    while i < len(levels):
+        j = i
+        while j + 1 < len(levels) and levels[j + 1] == levels[j] + 1:
+            j += 1
+        parts.append(str(levels[i]) if i == j else f"{levels[i]}-{levels[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"
+
+
+def _check_run_dir(path: str) -> str:
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise ValueError(f"run directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        inside = sorted(d for d in os.listdir(path)
+                        if os.path.isfile(os.path.join(path, d, "config.json")))
+        hint = (f"; it holds run directories: {', '.join(inside[:5])}"
+                f"{' ...' if len(inside) > 5 else ''}") if inside else ""
+        raise ValueError(f"{path!r} is not a run directory (no config.json){hint}")
+    return path
+
+
+class Run:
+    """A run directory opened for reading; config and weights are loaded when first asked for.
+
+    `levels` and `incomplete_levels` are read from disk on every access, so a Run object keeps
+    up with a run that is still training.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _check_run_dir(path)
+        self.name = os.path.basename(self.path)
+        self._cache: dict[tuple, PyTree] = {}
+
+    def __repr__(self) -> str:
+        return (f"Run({self.path!r}: levels {format_levels(self.levels)} complete, "
+                f"incomplete {format_levels(self.incomplete_levels)})")
+
+    # ---- config and model ----
+
+    @functools.cached_property
+    def config(self) -> ml_collections.ConfigDict:
+        """The resolved config the run was started with (config.json)."""
+        with open(os.path.join(self.path, "config.json")) as f:
+            return ml_collections.ConfigDict(json.load(f))
+
+    @functools.cached_property
+    def model(self):
+        """The flax model, rebuilt from the config (no data is loaded)."""
+        return models.create(self.config.model,
+                             num_classes=data_lib.num_classes(self.config.dataset))
+
+    @functools.cached_property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example of the run's dataset (channels-last)."""
+        return tuple(data_lib.input_shape(self.config.dataset))
+
+    @functools.cached_property
+    def rates(self) -> PyTree:
+        """Per-leaf pruning rates as the run used them (from config `exclude` and `rates`)."""
+        return masks.prunable(self.init()["params"],
+                              exclude=config_lib.split(self.config.exclude) or None,
+                              rates=config_lib.parse_rates(self.config.rates) or None)
+
+    @functools.cached_property
+    def dense_macs(self) -> dict[str, float]:
+        """{kernel path: multiply-accumulates per example} of every Dense and Conv layer."""
+        x = np.zeros((1, *self.input_shape), np.float32)
+        return {p: d for p, (d, _) in
+                metrics_lib.flops(self.model, self.init(), x, train=False).items()}
+
+    # ---- levels ----
+
+    def _level_numbers(self) -> list[int]:
+        out = []
+        for name in os.listdir(self.path):
+            num = name[len("level_"):]
+            if name.startswith("level_") and num.isdigit() and \
+                    os.path.isdir(os.path.join(self.path, name)):
+                out.append(int(num))
+        return sorted(out)
+
+    def level_dir(self, level: int) -> str:
+        return os.path.join(self.path, f"level_{level}")
+
+    @property
+    def levels(self) -> list[int]:
+        """Levels whose training finished (their DONE file exists)."""
+        return [lv for lv in self._level_numbers()
+                if os.path.exists(os.path.join(self.level_dir(lv), "DONE"))]
+
+    @property
+    def incomplete_levels(self) -> list[int]:
+        """Level directories without a DONE file: in progress, interrupted or half-written."""
+        done = set(self.levels)
+        return [lv for lv in self._level_numbers() if lv not in done]
+
+    def _what_exists(self) -> str:
+        return (f"complete levels: {format_levels(self.levels)}; "
+                f"incomplete levels: {format_levels(self.incomplete_levels)}")
+
+    def check_level(self, level: int, *, complete: bool = True) -> int:
+        """`level` as an int; ValueError naming the levels that exist if it is absent (or, with
+        `complete`, not finished)."""
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
+            raise ValueError(f"level={level!r}: expected an int; {self._what_exists()}")
+        level = int(level)
+        if level in self.levels:
+            return level
+        if level in self.incomplete_levels:
+            if not complete:
+                return level
+            raise ValueError(f"level {level} of {self.path} is incomplete (no DONE file: still "
+                             f"training, interrupted or half-written); {self._what_exists()}")
+        raise ValueError(f"level {level} does not exist in {self.path}; {self._what_exists()}")
+
+    # ---- pytrees ----
+
+    def _restore(self, path: str, what: str) -> PyTree:
+        return checkpoints.restore(path, hint=f"({what} of run {self.path})")
+
+    def init(self) -> dict:
+        """The initial variables ({'params', optional 'batch_stats'}) every level starts from."""
+        if "init" not in self._cache:
+            self._cache["init"] = self._restore(os.path.join(self.path, "init"), "init")
+        return self._cache["init"]
+
+    def rewind(self) -> RewindPoint:
+        """The saved rewind point (the state of level 0 at `rewind_step`, or step 0)."""
+        raw = self._restore(os.path.join(self.path, "rewind"), "rewind point")
+        return RewindPoint(raw["params"], raw.get("batch_stats", {}), raw["opt_state"],
+                           int(raw["step"]), np.asarray(raw["key"]))
+
+    def mask(self, level: int) -> PyTree:
+        """The bool mask of `level` (True = kept), with the structure of the params.
+
+        Needs only the level's mask checkpoint, which is written before the level trains.
+        """
+        level = self.check_level(level, complete=False)
+        path = os.path.join(self.level_dir(level), "mask")
+        if not checkpoints.exists(path):
+            raise ValueError(f"level {level} of {self.path} has no saved mask yet (half-written "
+                             f"level); {self._what_exists()}")
+        if ("mask", level) not in self._cache:
+            self._cache[("mask", level)] = jax.tree.map(
+                lambda m: np.asarray(m, bool),
+                self._restore(path, f"mask of level {level}"))
+        return self._cache[("mask", level)]
+
+    def final_state(self, level: int) -> dict:
+        """The trained state of a complete level: {'step', 'params', 'batch_stats', 'opt_state',
+        'key'} as raw pytrees."""
+        level = self.check_level(level)
+        return self._restore(os.path.join(self.level_dir(level), "final"),
+                             f"final weights of level {level}")
+
+    def weights(self, level: int) -> PyTree:
+        """The final params of a complete level (pruned entries are exactly 0.0)."""
+        return self.final_state(level)["params"]
+
+    def metrics(self, level: int) -> list[dict]:
+        """The level's evaluation records ({'step', 'train_loss', 'test_loss', 'test_accuracy'});
+        partial for a level still training."""
+        level = self.check_level(level, complete=False)
+        return _read_jsonl(os.path.join(self.level_dir(level), "metrics.jsonl"))
+
+    # ---- controls ----
+
+    def controls(self, level: int) -> list[str]:
+        """Names ('reinit_s0', 'random_prune_s1', ...) of the finished controls of a level."""
+        cdir = os.path.join(self.level_dir(self.check_level(level)), "controls")
+        if not os.path.exists(os.path.join(cdir, "DONE")):
+            return []
+        return sorted(d for d in os.listdir(cdir) if os.path.isdir(os.path.join(cdir, d)))
+
+    def _control_dir(self, level: int, name: str) -> str:
+        names = self.controls(level)
+        if name not in names:
+            raise ValueError(f"control {name!r} does not exist at level {level} of {self.path}; "
+                             f"finished controls there: {', '.join(names) or 'none'}")
+        return os.path.join(self.level_dir(level), "controls", name)
+
+    def control_mask(self, level: int, name: str) -> PyTree:
+        """The mask control `name` of `level` trained with (the ticket's mask for 'reinit_*')."""
+        path = os.path.join(self._control_dir(level, name), "mask")
+        return jax.tree.map(lambda m: np.asarray(m, bool),
+                            self._restore(path, f"mask of control {name} at level {level}"))
+
+    def control_metrics(self, level: int, name: str) -> list[dict]:
+        """The evaluation records of control `name` of `level`."""
+        return _read_jsonl(os.path.join(self._control_dir(level, name), "metrics.jsonl"))
+
+    # ---- summaries ----
+
+    def layers(self, level: int) -> list[dict]:
+        """Per prunable layer of `level`: kept, total, density and (for Dense/Conv kernels)
+        dense and remaining MACs per example."""
+        mask = self.mask(level)
+        rows = []
+        for path, (kept, total) in masks.counts(mask, self.rates).items():
+            row = {"layer": path, "kept": kept, "total": total, "density": kept / total}
+            if path in self.dense_macs:
+                d = self.dense_macs[path]
+                row.update(macs=d, remaining_macs=d * float(kept) / total)
+            rows.append(row)
+        return rows
+
+    def speedup(self, mask: PyTree) -> float:
+        """ShrinkBench's theoretical speedup of `mask` on this run's model (see lottery.metrics)."""
+        kept = dict(zip(masks.paths(mask), (int(np.sum(m)) for m in jax.tree.leaves(mask))))
+        sizes = dict(zip(masks.paths(mask), (int(np.size(m)) for m in jax.tree.leaves(mask))))
+        dense = sum(self.dense_macs.values())
+        remaining = sum(d * float(kept[p]) / sizes[p] for p, d in self.dense_macs.items())
+        return dense / remaining if remaining > 0 else float("inf")
+
+    def level_info(self, level: int) -> dict:
+        """The summary of a complete level (see the module docstring for each number)."""
+        level = self.check_level(level)
+        mask = self.mask(level)
+        counts = masks.counts(mask, self.rates)
+        kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
+        recs = [r for r in self.metrics(level) if "test_accuracy" in r]
+        if not recs:
+            raise ValueError(f"level {level} of {self.path} is marked done but its metrics.jsonl "
+                             f"has no evaluation; {self._what_exists()}")
+        best = max(recs, key=lambda r: r["test_accuracy"])  # first maximum: earliest step
+        info = {"level": level, "density": kept / total, "kept": kept, "total": total,
+                "compression_ratio": masks.compression_ratio(self.weights(level), mask),
+                "theoretical_speedup": self.speedup(mask),
+                "best_accuracy": best["test_accuracy"], "best_step": best["step"],
+                "final_accuracy": recs[-1]["test_accuracy"], "final_step": recs[-1]["step"],
+                "controls": {}}
+        for name in self.controls(level):
+            kind = name.rsplit("_s", 1)[0]
+            crecs = [r for r in self.control_metrics(level, name) if "test_accuracy" in r]
+            if crecs:
+                info["controls"].setdefault(kind, []).append(crecs[-1]["test_accuracy"])
+        return info
+
+    def table(self) -> list[dict]:
+        """`level_info` of every complete level."""
+        return [self.level_info(lv) for lv in self.levels]
+
+    @property
+    def incomplete_controls(self) -> list[int]:
+        """Complete levels whose controls started but did not finish."""
+        return [lv for lv in self.levels
+                if os.path.isdir(os.path.join(self.level_dir(lv), "controls"))
+                and not os.path.exists(os.path.join(self.level_dir(lv), "controls", "DONE"))]
+
+    def progress(self, level: int) -> dict:
+        """What an incomplete level has so far: {'level', 'has_mask', 'last_step',
+        'test_accuracy'} (the last two None before its first evaluation)."""
+        level = self.check_level(level, complete=False)
+        recs = [r for r in self.metrics(level) if "test_accuracy" in r]
+        return {"level": level,
+                "has_mask": checkpoints.exists(os.path.join(self.level_dir(level), "mask")),
+                "last_step": recs[-1]["step"] if recs else None,
+                "test_accuracy": recs[-1]["test_accuracy"] if recs else None}
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by an interrupted write: everything before it is valid
+    return out
+
+
+# ---- mask comparison ----
+
+def compare_masks(a: PyTree, b: PyTree, rates: PyTree | None = None) -> dict[str, dict]:
+    """Per prunable layer, and 'total' over all of them: Jaccard overlap |a & b| / |a | b| (1.0
+    when both are empty), survival |a & b| / |a| (share of a's kept weights that b keeps too;
+    1.0 when a keeps none), and the counts kept_a, kept_b, both."""
+    rates = masks.resolve_rates(a, rates)
+    masks.check(b, a, "second mask")
+    out, sums = {}, np.zeros(4, np.int64)
+    for path, x, y, r in zip(masks.paths(a), jax.tree.leaves(a), jax.tree.leaves(b),
+                             jax.tree.leaves(rates)):
+        if r > 0:
+            x, y = np.asarray(x, bool), np.asarray(y, bool)
+            c = np.array([x.sum(), y.sum(), (x & y).sum(), (x | y).sum()], np.int64)
+            out[path] = _overlap_row(c)
+            sums += c
+    out["total"] = _overlap_row(sums)
+    return out
+
+
+def _overlap_row(c) -> dict:
+    ka, kb, both, union = (int(v) for v in c)
+    return {"jaccard": both / union if union else 1.0, "survival": both / ka if ka else 1.0,
+            "kept_a": ka, "kept_b": kb, "both": both}
+
+
+def compare_runs(a: Run, b: Run, level_a: int, level_b: int | None = None) -> dict[str, dict]:
+    """`compare_masks` of `a`'s mask at `level_a` and `b`'s at `level_b` (default the same)."""
+    level_b = level_a if level_b is None else level_b
+    return compare_masks(a.mask(level_a), b.mask(level_b), a.rates)
+
+
+def survival(run: Run, level: int) -> dict[str, dict]:
+    """How much of `level`'s mask survives into `level + 1` (`compare_masks` of the two)."""
+    return compare_runs(run, run, level, level + 1)
+
+
+def control_overlap(run: Run, level: int) -> dict[str, dict[str, dict]]:
+    """{control name: compare_masks(ticket mask, control mask)} for the controls of `level`."""
+    ticket = run.mask(level)
+    return {name: compare_masks(ticket, run.control_mask(level, name), run.rates)
+            for name in run.controls(level)}
+
+
+# ---- text tables ----
+
+def format_table(rows: list[dict]) -> str:
+    """Levels table: density, compression, speedup, best/final accuracy, control means."""
+    kinds = sorted({k for r in rows for k in r["controls"]})
+    head = (f"{'level':>5}  {'density':>8}  {'compression':>11}  {'speedup':>8}  "
+            f"{'best acc':>8}  {'at step':>7}  {'final acc':>9}")
+    head += "".join(f"  {k:>12}" for k in kinds)
+    lines = [head]
+    for r in rows:
+        line = (f"{r['level']:>5}  {r['density']:>8.4f}  {r['compression_ratio']:>11.4f}  "
+                f"{r['theoretical_speedup']:>8.4f}  {r['best_accuracy']:>8.4f}  "
+                f"{r['best_step']:>7}  {r['final_accuracy']:>9.4f}")
+        for k in kinds:
+            v = r["controls"].get(k)
+            line += f"  {float(np.mean(v)):>12.4f}" if v else f"  {'':>12}"
+        lines.append(line)
+    if kinds:
+        lines.append("(control columns: final test accuracy, mean over control seeds)")
+    return "\n".join(lines)
+
+
+def format_layers(info: dict, layers: list[dict]) -> str:
+    """One level's header line and per-layer table: kept, total, density, MACs."""
+    width = max([len("layer"), len("total")] + [len(r["layer"]) for r in layers])
+    lines = [f"level {info['level']}: density {info['density']:.4f}, compression "
+             f"{info['compression_ratio']:.4f}, theoretical speedup "
+             f"{info['theoretical_speedup']:.4f}, best acc {info['best_accuracy']:.4f} at step "
+             f"{info['best_step']}, final acc {info['final_accuracy']:.4f}",
+             f"{'layer':<{width}}  {'kept':>10}  {'total':>10}  {'density':>8}  {'MACs':>12}  "
+             f"{'remaining MACs':>14}"]
+    for r in layers:
+        macs = (f"{r['macs']:>12,.0f}  {r['remaining_macs']:>14,.0f}" if "macs" in r
+                else f"{'':>12}  {'':>14}")
+        lines.append(f"{r['layer']:<{width}}  {r['kept']:>10,}  {r['total']:>10,}  "
+                     f"{r['density']:>8.4f}  {macs}")
+    lines.append(f"{'total':<{width}}  {info['kept']:>10,}  {info['total']:>10,}  "
+                 f"{info['density']:>8.4f}")
+    for kind, accs in sorted(info["controls"].items()):
+        lines.append(f"control {kind}: final acc " + ", ".join(f"{a:.4f}" for a in accs)
+                     + f" (mean {float(np.mean(accs)):.4f})")
+    return "\n".join(lines)
+
+
+def format_comparison(result: dict[str, dict], title: str) -> str:
+    """Per-layer overlap table of `compare_masks`."""
+    width = max(len(p) for p in result)
+    lines = [title, f"{'layer':<{width}}  {'jaccard':>8}  {'survival':>8}  {'kept A':>10}  "
+                    f"{'kept B':>10}  {'both':>10}"]
+    for p, r in result.items():
+        lines.append(f"{p:<{width}}  {r['jaccard']:>8.4f}  {r['survival']:>8.4f}  "
+                     f"{r['kept_a']:>10,}  {r['kept_b']:>10,}  {r['both']:>10,}")
+    return "\n".join(lines)
+
+
+def _describe(run: Run) -> str:
+    c = run.config
+    return (f"run {run.path}\n({c.model} on {c.dataset}, seed {c.seed}, rewind {c.rewind}"
+            f"{' at ' + str(c.rewind_step) if c.rewind in ('iteration', 'lr') else ''}, "
+            f"{c.scope} {c.scorer} pruning of fraction {c.fraction} per level)")
+
+
+def _incomplete_lines(run: Run) -> list[str]:
+    lines = []
+    for lv in run.incomplete_levels:
+        p = run.progress(lv)
+        if p["last_step"] is None:
+            lines.append(f"level {lv}: incomplete (mask {'saved' if p['has_mask'] else 'missing'}"
+                         f", no evaluation yet)")
+        else:
+            lines.append(f"level {lv}: incomplete (last evaluation at step {p['last_step']}: "
+                         f"test accuracy {p['test_accuracy']:.4f})")
+    for lv in run.incomplete_controls:
+        lines.append(f"level {lv}: controls incomplete (training or interrupted)")
+    return lines
+
+
+# ---- command line ----
+
+def add_parser(subparsers) -> None:
+    """Register `lottery inspect` and `lottery compare` (both handled by `run`)."""
+    p = subparsers.add_parser(
+        "inspect", help="levels of a run: density, compression, speedup, accuracies",
+        description="Show what a run directory holds: one line per complete level (density, "
+                    "compression ratio, theoretical speedup, best and final test accuracy, "
+                    "control accuracies) and the levels still incomplete.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--level", type=int, default=None, metavar="N",
+                   help="show the per-layer table of level N")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    c = subparsers.add_parser(
+        "compare", help="per-layer mask overlap of two runs (or two levels)",
+        description="Per-layer Jaccard overlap |A & B| / |A | B| and survival |A & B| / |A| of "
+                    "the masks of RUN_A and RUN_B, level by level (levels present in both), or "
+                    "of RUN_A's level N and RUN_B's level M.")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.add_argument("--level", type=int, default=None, metavar="N", help="RUN_A's level")
+    c.add_argument("--level-b", type=int, default=None, metavar="M",
+                   help="RUN_B's level (default: N)")
+    c.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def run(args, overrides=()) -> int:
+    """Handler of `lottery inspect` and `lottery compare`; prints to stdout, returns 0."""
+    if overrides:
+        raise ValueError(f"lottery {args.command} takes no --config.<field> overrides "
+                         f"(got {', '.join('--config.' + o for o in overrides)})")
+    if args.command == "inspect":
+        print(inspect_text(args.run_dir, args.level, as_json=args.json))
+    elif args.command == "compare":
+        print(compare_text(args.run_a, args.run_b, args.level, args.level_b, as_json=args.json))
+    else:
+        raise ValueError(f"command {args.command!r}: expected 'inspect' or 'compare'")
+    return 0
+
+
+def inspect_text(run_dir: str, level: int | None = None, *, as_json: bool = False) -> str:
+    """What `lottery inspect` prints."""
+    r = Run(run_dir)
+    if level is not None:
+        r.check_level(level)
+    rows = r.table()
+    if as_json:
+        out = {"run_dir": r.path, "config": r.config.to_dict(), "levels": rows,
+               "incomplete_levels": [r.progress(lv) for lv in r.incomplete_levels],
+               "incomplete_controls": r.incomplete_controls}
+        if level is not None:
+            out["level"] = level
+            out["layers"] = r.layers(level)
+        return json.dumps(out, indent=2)
+    parts = [_describe(r)]
+    parts.append(format_table(rows) if rows else "no complete level yet")
+    parts += _incomplete_lines(r)
+    if level is not None:
+        info = next((row for row in rows if row["level"] == level), None) or r.level_info(level)
+        parts += ["", format_layers(info, r.layers(level))]
+    return "\n".join(parts)
+
+
+def compare_text(run_a: str, run_b: str, level: int | None = None, level_b: int | None = None,
+                 *, as_json: bool = False) -> str:
+    """What `lottery compare` prints."""
+    a, b = Run(run_a), Run(run_b)
+    if level is None and level_b is not None:
+        raise ValueError("--level-b needs --level (RUN_A's level)")
+    if level is None:
+        pairs = [(lv, lv) for lv in a.levels if lv in b.levels]
+        if not pairs:
+            raise ValueError(f"RUN_A and RUN_B have no complete level in common (RUN_A: "
+                             f"{format_levels(a.levels)}; RUN_B: {format_levels(b.levels)})")
+    else:
+        pairs = [(a.check_level(level, complete=False),
+                  b.check_level(level if level_b is None else level_b, complete=False))]
+    results = [(la, lb, compare_runs(a, b, la, lb)) for la, lb in pairs]
+    if as_json:
+        return json.dumps({"run_a": a.path, "run_b": b.path,
+                           "comparisons": [{"level_a": la, "level_b": lb, "layers": res}
+                                           for la, lb, res in results]}, indent=2)
+    lines = [f"A = {a.path}", f"B = {b.path}"]
+    if len(results) == 1:
+        la, lb, res = results[0]
+        lines += ["", format_comparison(res, f"A level {la} vs B level {lb}")]
+        return "\n".join(lines)
+    names = list(results[0][2])
+    width = max(8, *(len(n) for n in names))
+    lines += ["", "Jaccard overlap |A & B| / |A | B| per layer, level by level",
+              f"{'level':>5}" + "".join(f"  {n:>{width}}" for n in names)]
+    for la, _, res in results:
+        lines.append(f"{la:>5}" + "".join(f"  {res[n]['jaccard']:>{width}.4f}" for n in names))
+    return "\n".join(lines)
