@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lottery import checkpoints, export, pai
+from lottery import checkpoints, export, gradual, pai
 
 
 def _split_overrides(argv):
@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="delete level N (and later levels) of the run and train it again, e.g. "
                         "after a corrupt checkpoint")
     pai.add_parser(sub)
+    gradual.add_parser(sub)
     export.add_parser(sub)
     return p
 
@@ -78,6 +79,8 @@ def main(argv=None) -> int:
             return find_ticket(args, overrides)
         if args.command == "prune-at-init":
             return pai.run(args, overrides)
+        if args.command in ("oneshot", "agp"):
+            return gradual.run(args, overrides)
         if args.command == "export":
             return export.run(args, overrides)
     except (ValueError, FileExistsError, checkpoints.CorruptCheckpointError) as e:

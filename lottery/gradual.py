@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import os
-import shutil
 from fractions import Fraction
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -355,6 +354,9 @@ def _open_run(cfg: ml_collections.ConfigDict, workdir: str, discard: int | None)
         return None, run_dir, None
     s = imp.Setup(cfg)
     validate(cfg, s.spe)
+    if cfg.experiment == "agp" and getattr(s, "mesh", None) is not None:
+        raise ValueError(f"devices={cfg.devices!r}: AGP trains on one device (its in-epoch mask "
+                         f"update is not sharded); set --config.devices=1")
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path):
@@ -363,7 +365,7 @@ def _open_run(cfg: ml_collections.ConfigDict, workdir: str, discard: int | None)
         imp.discard_level(run_dir, discard)
     init_path = os.path.join(run_dir, "init")
     if not checkpoints.exists(init_path):
-        shutil.rmtree(init_path, ignore_errors=True)
+        imp._rmtree(init_path)
         checkpoints.save(init_path, s.variables)
     return s, run_dir, checkpoints.restore(init_path, s.variables, hint=imp._hint(run_dir, 0))
 
@@ -397,7 +399,7 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
         state, mask = saved["state"], saved["mask"]
         imp._truncate_metrics(metrics_path, done[-1])
     elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        os.remove(metrics_path)  # AGP runs in one process (see _open_run)
     last_save = [imp._now()]
 
     def bookkeeping(st, m, record):
@@ -407,7 +409,7 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
             if step < s.total and imp._now() - last_save[0] >= cfg.checkpoint_seconds:
                 checkpoints.save(os.path.join(ckdir, str(step)), {"state": st, "mask": m})
                 for old in (d for d in os.listdir(ckdir) if d.isdigit() and int(d) < step):
-                    shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
+                    imp._rmtree(os.path.join(ckdir, old))
                 last_save[0] = imp._now()
         if callback is not None:
             callback(st, m, record)
@@ -418,11 +420,11 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
                                progress=f"agp to density {cfg.final_density}"
                                if cfg.progress else False)
     for name in ("final", "mask"):
-        shutil.rmtree(os.path.join(ldir, name), ignore_errors=True)  # half-written by a kill
+        imp._rmtree(os.path.join(ldir, name))  # half-written by a kill
     checkpoints.save(os.path.join(ldir, "final"), state)
     checkpoints.save(os.path.join(ldir, "mask"), mask)
     _write_info(ldir, mask, s.rates)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    imp._rmtree(ckdir)
     imp._mark_done(ldir)
     return run_dir
 
@@ -465,7 +467,7 @@ def run_oneshot(cfg: ml_collections.ConfigDict, workdir: str, *,
         return run_dir
     rewind_path = os.path.join(run_dir, "rewind")
     if not checkpoints.exists(rewind_path):
-        shutil.rmtree(rewind_path, ignore_errors=True)
+        imp._rmtree(rewind_path)
         checkpoints.save(rewind_path, s.fresh_state(init_vars))
     mask, final = masks.init(init_vars["params"]), None
     for level in (0, 1):
@@ -480,7 +482,7 @@ def run_oneshot(cfg: ml_collections.ConfigDict, workdir: str, *,
                                     scope=cfg.scope, structure=cfg.structure,
                                     unit_norm=cfg.unit_norm, rates=s.rates)
             os.makedirs(ldir, exist_ok=True)
-            shutil.rmtree(mask_path, ignore_errors=True)
+            imp._rmtree(mask_path)
             checkpoints.save(mask_path, mask)
         if not os.path.exists(os.path.join(ldir, "info.json")):
             _write_info(ldir, mask, s.rates)
