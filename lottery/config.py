@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -83,7 +84,12 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         raise ValueError(f"--config: no such file {path!r}")
     spec = importlib.util.spec_from_file_location("lottery_user_config", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)  # a config may import a sibling config and override it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config {path!r} has no get_config() function")
     cfg = module.get_config()

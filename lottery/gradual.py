@@ -34,7 +34,6 @@ the density of the mask the network had at that step.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from fractions import Fraction
@@ -321,21 +320,6 @@ def _write_info(ldir: str, mask: PyTree, rates: PyTree) -> None:
         "layers": {p: {"kept": k, "total": t} for p, (k, t) in counts.items()}})
 
 
-def _prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """The run directory of `cfg` (not created yet); ValueError if `workdir` is not writable or
-    the directory holds a run with different result-determining fields (as imp.prepare_run)."""
-    imp.check_workdir(workdir)
-    run_dir = os.path.join(workdir, config_lib.run_name(cfg))
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = ml_collections.ConfigDict(json.load(f))
-        if config_lib.hashed_fields(saved) != config_lib.hashed_fields(cfg):
-            raise ValueError(f"{run_dir} holds a run with a different config; refusing to write "
-                             f"into it (compare {path})")
-    return run_dir
-
-
 def _levels(experiment: str) -> tuple[int, ...]:
     return (0, 1) if experiment == "oneshot" else (0,)
 
@@ -348,7 +332,7 @@ def _open_run(cfg: ml_collections.ConfigDict, workdir: str, discard: int | None)
     if discard is not None and discard not in _levels(cfg.experiment):
         raise ValueError(f"--discard-level {discard}: expected a level of an experiment="
                          f"{cfg.experiment!r} run: {', '.join(map(str, _levels(cfg.experiment)))}")
-    run_dir = _prepare_run(cfg, workdir)
+    run_dir = imp.prepare_run(cfg, workdir)
     if discard is None and all(imp.is_done(imp.level_dir(run_dir, lv))
                                for lv in _levels(cfg.experiment)):
         return None, run_dir, None

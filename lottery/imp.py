@@ -141,11 +141,8 @@ def check_workdir(workdir: str) -> None:
 
 
 def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Validate the config, create (or reopen) its run directory and save the resolved config."""
-    if cfg.experiment != "find-ticket":
-        raise ValueError(f"experiment={cfg.experiment!r}: this config is for `lottery "
-                         f"{cfg.experiment}`, not `lottery find-ticket`")
-    config_lib.validate(cfg)
+    """The run directory of a validated config (not created yet). ValueError if `workdir` is not
+    writable or the directory holds a run whose result-determining fields differ."""
     check_workdir(workdir)
     run_dir = os.path.join(workdir, config_lib.run_name(cfg))
     path = os.path.join(run_dir, "config.json")
@@ -317,6 +314,10 @@ def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
 def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
                 discard: int | None = None) -> str:
     """Run (or resume, or extend) an IMP experiment; returns its run directory."""
+    if cfg.experiment != "find-ticket":
+        raise ValueError(f"experiment={cfg.experiment!r}: this config is for `lottery "
+                         f"{cfg.experiment}`, not `lottery find-ticket`")
+    config_lib.validate(cfg)
     run_dir = prepare_run(cfg, workdir)
     s = Setup(cfg)  # loads data and validates everything that needs its size, before writing
     os.makedirs(run_dir, exist_ok=True)

@@ -1,6 +1,5 @@
 """IMP end to end on a tiny config: levels, rewinding, controls, resume, hashes, corruption."""
 
-import json
 import os
 import signal
 import subprocess
