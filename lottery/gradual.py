@@ -311,15 +311,6 @@ def train_agp(trainer: train_lib.Trainer, state: train_lib.TrainState, mask: PyT
 # Run directories.
 
 
-def _write_info(ldir: str, mask: PyTree, rates: PyTree) -> None:
-    """info.json with the keys imp writes: density, kept, total, layers {path: {kept, total}}."""
-    counts = masks.counts(mask, rates)
-    kept, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
-    imp._write_json_atomic(os.path.join(ldir, "info.json"), {
-        "density": kept / total, "kept": kept, "total": total,
-        "layers": {p: {"kept": k, "total": t} for p, (k, t) in counts.items()}})
-
-
 def _levels(experiment: str) -> tuple[int, ...]:
     return (0, 1) if experiment == "oneshot" else (0,)
 
@@ -407,7 +398,7 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
         imp._rmtree(os.path.join(ldir, name))  # half-written by a kill
     checkpoints.save(os.path.join(ldir, "final"), state)
     checkpoints.save(os.path.join(ldir, "mask"), mask)
-    _write_info(ldir, mask, s.rates)
+    imp.write_info(ldir, mask, s.rates)
     imp._rmtree(ckdir)
     imp._mark_done(ldir)
     return run_dir
@@ -469,7 +460,7 @@ def run_oneshot(cfg: ml_collections.ConfigDict, workdir: str, *,
             imp._rmtree(mask_path)
             checkpoints.save(mask_path, mask)
         if not os.path.exists(os.path.join(ldir, "info.json")):
-            _write_info(ldir, mask, s.rates)
+            imp.write_info(ldir, mask, s.rates)
         if imp.is_done(ldir):
             final = checkpoints.restore(os.path.join(ldir, "final"),
                                         s.template(s.ft_tx if level else None),

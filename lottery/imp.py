@@ -156,6 +156,15 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     return run_dir
 
 
+def write_info(ldir: str, mask: PyTree, rates: PyTree) -> None:
+    """level_dir/info.json: density, kept, total and per-layer {path: {kept, total}} of a mask."""
+    counts = masks.counts(mask, rates)
+    kept, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    _write_json_atomic(os.path.join(ldir, "info.json"), {
+        "density": kept / total, "kept": kept, "total": total,
+        "layers": {p: {"kept": k, "total": t} for p, (k, t) in counts.items()}})
+
+
 def level_dir(run_dir: str, level: int) -> str:
     return os.path.join(run_dir, f"level_{level}")
 
@@ -345,16 +354,12 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
                 mask = checkpoints.restore(mask_path, mask, hint=_hint(run_dir, level))
             else:
                 mask = _prune_mask(s, prev_final, mask)
-        counts = masks.counts(mask, s.rates)
         if not checkpoints.exists(mask_path):
             os.makedirs(ldir, exist_ok=True)
             _rmtree(mask_path)
             checkpoints.save(mask_path, mask)
         if not os.path.exists(os.path.join(ldir, "info.json")):
-            kept, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
-            _write_json_atomic(os.path.join(ldir, "info.json"), {
-                "density": kept / total, "kept": kept, "total": total,
-                "layers": {p: {"kept": k, "total": t} for p, (k, t) in counts.items()}})
+            write_info(ldir, mask, s.rates)
         density = masks.density(mask, s.rates)
         levels.set_postfix(density=f"{density:.4f}", refresh=False)
         if is_done(ldir):
