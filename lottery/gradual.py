@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from fractions import Fraction
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -375,17 +376,17 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
         imp._truncate_metrics(metrics_path, done[-1])
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)  # AGP runs in one process (see _open_run)
-    last_save = [imp._now()]
+    last_save = [time.monotonic()]
 
     def bookkeeping(st, m, record):
         step = int(record["step"])
         if "test_accuracy" in record:
             imp._append_metrics(metrics_path, record)
-            if step < s.total and imp._now() - last_save[0] >= cfg.checkpoint_seconds:
+            if step < s.total and time.monotonic() - last_save[0] >= cfg.checkpoint_seconds:
                 checkpoints.save(os.path.join(ckdir, str(step)), {"state": st, "mask": m})
                 for old in (d for d in os.listdir(ckdir) if d.isdigit() and int(d) < step):
                     imp._rmtree(os.path.join(ckdir, old))
-                last_save[0] = imp._now()
+                last_save[0] = time.monotonic()
         if callback is not None:
             callback(st, m, record)
 

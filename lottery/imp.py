@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 import jax
@@ -249,7 +250,7 @@ def _train_level(s: Setup, run_dir: str, level: int, mask, prev_final, bar_desc:
         os.remove(metrics_path)
     rewind_path = os.path.join(run_dir, "rewind")
     need_rewind = level == 0 and s.rewind_step > 0 and not checkpoints.exists(rewind_path)
-    last_save = [_now()]
+    last_save = [time.monotonic()]
 
     def callback(st, record):
         step = int(record["step"])
@@ -257,11 +258,11 @@ def _train_level(s: Setup, run_dir: str, level: int, mask, prev_final, bar_desc:
             checkpoints.save(rewind_path, st)
         if "test_accuracy" in record:
             _append_metrics(metrics_path, record)
-            if step < total and _now() - last_save[0] >= s.cfg.checkpoint_seconds:
+            if step < total and time.monotonic() - last_save[0] >= s.cfg.checkpoint_seconds:
                 checkpoints.save(os.path.join(ckdir, str(step)), st)
                 for old in (d for d in os.listdir(ckdir) if d.isdigit() and int(d) < step):
                     _rmtree(os.path.join(ckdir, old))
-                last_save[0] = _now()
+                last_save[0] = time.monotonic()
 
     stops = (s.rewind_step,) if need_rewind else ()
     state, _ = train_lib.train(trainer, state, mask, s.data, num_steps=total,
@@ -275,11 +276,6 @@ def _train_level(s: Setup, run_dir: str, level: int, mask, prev_final, bar_desc:
 
 def _progress(cfg) -> bool:
     return cfg.progress and distributed.is_main_process()
-
-
-def _now():
-    import time  # noqa: PLC0415
-    return time.monotonic()
 
 
 def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
