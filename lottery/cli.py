@@ -1,11 +1,19 @@
-"""The `lottery` command: `lottery find-ticket --config configs/<name>.py [--config.<field>=<v>]`."""
+"""The `lottery` command.
+
+    lottery find-ticket --config configs/<name>.py [--config.<field>=<value> ...] [--workdir DIR]
+    lottery prune-at-init | oneshot | agp --config ...        other experiment kinds
+    lottery inspect | compare | plot | instability | export    what a run saved
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lottery import checkpoints, export, gradual, pai
+from lottery import checkpoints, export, gradual, instability, pai, plots, runs
+
+# Modules that contribute subcommands: each has add_parser(subparsers) and run(args, overrides).
+COMMAND_MODULES = (pai, gradual, runs, plots, instability, export)
 
 
 def _split_overrides(argv):
@@ -35,9 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--discard-level", type=int, default=None, metavar="N",
                    help="delete level N (and later levels) of the run and train it again, e.g. "
                         "after a corrupt checkpoint")
-    pai.add_parser(sub)
-    gradual.add_parser(sub)
-    export.add_parser(sub)
+    handlers = {"find-ticket": find_ticket}
+    for module in COMMAND_MODULES:
+        before = set(sub.choices)
+        module.add_parser(sub)
+        handlers.update({name: module.run for name in set(sub.choices) - before})
+    p.set_defaults(handlers=handlers)
     return p
 
 
@@ -75,18 +86,10 @@ def main(argv=None) -> int:
     from lottery import distributed  # noqa: PLC0415
     distributed.initialize()  # joins a multi-process job when the environment describes one
     try:
-        if args.command == "find-ticket":
-            return find_ticket(args, overrides)
-        if args.command == "prune-at-init":
-            return pai.run(args, overrides)
-        if args.command in ("oneshot", "agp"):
-            return gradual.run(args, overrides)
-        if args.command == "export":
-            return export.run(args, overrides)
+        return args.handlers[args.command](args, overrides)
     except (ValueError, FileExistsError, checkpoints.CorruptCheckpointError) as e:
         print(f"lottery {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ tests and notebooks); `save` writes it as a PNG of exactly SIZE pixels. `lottery
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -277,6 +278,14 @@ def instability_figure(alphas, errors, title: str = "") -> Figure:
     return fig
 
 
+def _experiment(run_dir: str) -> str | None:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("experiment")
+
+
 def plot(run_dirs: Sequence[str], out_dir: str, metric: str = "final") -> dict[str, str]:
     """Write every figure for `run_dirs` into `out_dir`; returns {figure name: PNG path}.
 
@@ -284,6 +293,21 @@ def plot(run_dirs: Sequence[str], out_dir: str, metric: str = "final") -> dict[s
     mask figure is left out for models it does not apply to.
     """
     _check_metric(metric)
+    pai_runs = [d for d in run_dirs if _experiment(d) == "prune-at-init"]
+    if pai_runs:
+        if len(pai_runs) != len(run_dirs):
+            raise ValueError("plot prune-at-init runs apart from other runs: their x-axis is the "
+                             "compression ratio of each scorer, not the IMP level's density")
+        from lottery import pai  # noqa: PLC0415
+
+        os.makedirs(out_dir, exist_ok=True)
+        out = {}
+        for d in pai_runs:
+            name = f"accuracy_vs_compression_{os.path.basename(os.path.abspath(d))}"
+            path = os.path.join(out_dir, f"{name}.png")
+            pai.plot(d, path)
+            out[name] = path
+        return out
     runs = _open(run_dirs)
     for r in runs:
         if not r.levels:

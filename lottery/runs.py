@@ -419,6 +419,10 @@ def format_comparison(result: dict[str, dict], title: str) -> str:
 
 def _describe(run: Run) -> str:
     c = run.config
+    if c.experiment in ("agp", "oneshot"):
+        from lottery import gradual  # noqa: PLC0415
+
+        return f"run {run.path}\n({gradual.describe(c)})"
     return (f"run {run.path}\n({c.model} on {c.dataset}, seed {c.seed}, rewind {c.rewind}"
             f"{' at ' + str(c.rewind_step) if c.rewind in ('iteration', 'lr') else ''}, "
             f"{c.scope} {c.scorer} pruning of fraction {c.fraction} per level)")
