@@ -78,6 +78,12 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config.json as a ConfigDict; fields added to `base()` since the run was made
+    take their defaults (new fields must default to what older code did)."""
+    return ml_collections.ConfigDict({**base().to_dict(), **saved})
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config of a Python file's get_config(), with `field=value` overrides applied."""
     if not os.path.isfile(path):

@@ -73,7 +73,7 @@ def _read_config(run_dir: str) -> ml_collections.ConfigDict:
         raise ValueError(f"RUN_DIR {run_dir!r} has no config.json: not a `lottery find-ticket` "
                          f"run directory")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return config_lib.from_saved(json.load(f))
 
 
 def read_level(run_dir: str, level: int) -> tuple[nn.Module, dict, PyTree, PyTree, dict]:

@@ -151,7 +151,7 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if config_lib.hashed_fields(ml_collections.ConfigDict(saved)) != fields:
+        if config_lib.hashed_fields(config_lib.from_saved(saved)) != fields:
             raise ValueError(f"{run_dir} holds a run with a different config; refusing to write "
                              f"into it (compare {path})")
     return run_dir

@@ -24,10 +24,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from lottery import checkpoints, masks, steps as steps_lib, train as train_lib
+from lottery import checkpoints, config as config_lib, masks, steps as steps_lib
+from lottery import train as train_lib
 from lottery.runs import Run
 
 PyTree = Any
@@ -113,7 +113,7 @@ def path_errors(trainer: train_lib.Trainer, a: train_lib.TrainState, b: train_li
 def _setup(config_json: str):
     from lottery import imp  # noqa: PLC0415 - imp pulls in data loading and the IMP runner
 
-    return imp.Setup(ml_collections.ConfigDict(json.loads(config_json)))
+    return imp.Setup(config_lib.from_saved(json.loads(config_json)))
 
 
 def setup_for(run: Run):

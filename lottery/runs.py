@@ -88,7 +88,7 @@ class Run:
     def config(self) -> ml_collections.ConfigDict:
         """The resolved config the run was started with (config.json)."""
         with open(os.path.join(self.path, "config.json")) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            return config_lib.from_saved(json.load(f))
 
     @functools.cached_property
     def model(self):

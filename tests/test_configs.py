@@ -35,3 +35,13 @@ def test_config_is_valid(path):
     assert masks.prunable_paths(rates)
     if "out" in config.split(cfg.exclude):
         assert "out/kernel" not in masks.prunable_paths(rates)
+
+
+def test_saved_configs_of_older_runs_get_new_fields_defaults():
+    saved = config.base().to_dict()
+    del saved["devices"]  # a run saved before the field existed
+    saved["lr"] = 0.05
+    cfg = config.from_saved(saved)
+    assert cfg.devices == "all" and cfg.lr == 0.05
+    config.validate(cfg)
+    assert config.hashed_fields(cfg) == config.hashed_fields(config.from_saved(cfg.to_dict()))
