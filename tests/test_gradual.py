@@ -292,3 +292,15 @@ def test_cli_handler_reopens_finished_run(configs, agp_run, capsys):
     assert os.path.getmtime(final) == before  # nothing retrained
     with pytest.raises(ValueError, match="is a 'oneshot' config; `lottery agp` needs"):
         gradual.run(cli_args("agp", configs[1], os.path.dirname(run_dir)))
+
+
+def test_inspect_and_plot_work_on_agp_and_oneshot_runs(agp_run, oneshot_run, tmp_path, capsys):
+    from lottery import cli
+
+    for _, run_dir in (agp_run, oneshot_run):
+        assert cli.main(["inspect", run_dir]) == 0
+        out = capsys.readouterr().out
+        assert "density" in out and "rewind init, global magnitude" not in out
+        figs = tmp_path / os.path.basename(run_dir)
+        assert cli.main(["plot", run_dir, "--out", str(figs)]) == 0
+        assert (figs / "accuracy_vs_density.png").stat().st_size > 10_000

@@ -277,3 +277,12 @@ def test_shipped_configs_validate(name):
     assert pai.parse_rounds(cfg.rounds) == {"synflow": 100} and cfg.exclude == ""
     assert set(pai.parse_scorers(cfg.scorers)) == {"snip", "grasp", "synflow", "magnitude",
                                                    "random"}
+
+
+def test_lottery_plot_draws_sweeps(run, tmp_path):
+    from lottery import cli
+
+    _, run_dir = run
+    assert cli.main(["plot", run_dir, "--out", str(tmp_path / "figs")]) == 0
+    (png,) = (tmp_path / "figs").glob("accuracy_vs_compression_*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
