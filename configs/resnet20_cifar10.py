@@ -6,23 +6,13 @@ NO layers ignored (the output layer is pruned). Late rewinding to iteration 500 
 2020 ("Linear mode connectivity and the lottery ticket hypothesis", ResNet-20: k = 500 iterations).
 """
 
-from lottery.config import base
+import vgg19_cifar10  # the same OpenLTH CIFAR-10 training recipe
 
 
 def get_config():
-    c = base()
-    c.dataset = "cifar10"
+    c = vgg19_cifar10.get_config()
     c.model = "resnet20"
-    c.optimizer = "sgd"
-    c.momentum = 0.9
-    c.lr = 0.1
-    c.weight_decay = 1e-4
-    c.training_steps = "160ep"
-    c.lr_schedule = "step"
-    c.milestones = "80ep,120ep"
-    c.augment = "cifar"
     c.exclude = ""
     c.rewind = "iteration"
     c.rewind_step = "500it"
-    c.levels = 20
     return c
