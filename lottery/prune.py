@@ -8,7 +8,8 @@ float pytree like the params: HIGHER = KEEP.
 Rules shared by all functions:
 
 * A dead entry (False in `mask`) is never kept, whatever its score: masks only shrink.
-* Ranking: alive before dead, then score descending (NaN below every number, -0.0 == 0.0), then
+* Ranking: alive before dead, then score descending (NaN below every number, -0.0 == 0.0, and
+  subnormal scores equal to 0.0: XLA flushes them to zero on CPU), then
   the lower flat index wins a tie. Global scope ranks the concatenation of the rate-1 leaves in
   `jax.tree.leaves` order (row-major inside a leaf), so with all-equal scores the first entries
   of the first leaves are kept.
