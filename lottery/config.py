@@ -150,6 +150,14 @@ def parse_rates(value: str) -> dict[str, float]:
     return out
 
 
+def prunable(cfg: ml_collections.ConfigDict, params) -> Any:
+    """The per-leaf pruning rates a config asks for (`exclude` and `rates`) over `params`."""
+    from lottery import masks  # noqa: PLC0415 - keep this module free of jax at import
+
+    return masks.prunable(params, exclude=split(cfg.exclude) or None,
+                          rates=parse_rates(cfg.rates) or None)
+
+
 def _choice(cfg, field, allowed):
     if cfg[field] not in allowed:
         raise ValueError(f"{field}={cfg[field]!r}: expected one of {', '.join(allowed)}")

@@ -107,8 +107,7 @@ def read_level(run_dir: str, level: int) -> tuple[nn.Module, dict, PyTree, PyTre
         except ValueError as e:
             raise checkpoints.CorruptCheckpointError(f"{ldir}: {e}. {hint}") from None
     mask = jax.tree.map(lambda m: np.asarray(m, bool), mask)
-    rates = masks.prunable(variables["params"], exclude=config_lib.split(cfg.exclude) or None,
-                           rates=config_lib.parse_rates(cfg.rates) or None)
+    rates = config_lib.prunable(cfg, variables["params"])
     info = {"model": cfg.model, "dataset": cfg.dataset, "num_classes": num_classes,
             "input_shape": list(input_shape)}
     return model, variables, mask, rates, info

@@ -118,9 +118,7 @@ class Setup:
         self.key = jax.random.key(cfg.seed)
         self.input_shape = tuple(self.data.x_train.shape[1:])
         self.variables = models.init(self.model, jax.random.fold_in(self.key, 0), self.input_shape)
-        self.rates = masks.prunable(self.variables["params"],
-                                    exclude=config_lib.split(cfg.exclude) or None,
-                                    rates=config_lib.parse_rates(cfg.rates) or None)
+        self.rates = config_lib.prunable(cfg, self.variables["params"])
 
     def fresh_state(self, variables, tx=None, mask=None):
         return train_lib.init_state(variables, tx or self.tx, jax.random.fold_in(self.key, 1), mask)

@@ -104,9 +104,7 @@ class Run:
     @functools.cached_property
     def rates(self) -> PyTree:
         """Per-leaf pruning rates as the run used them (from config `exclude` and `rates`)."""
-        return masks.prunable(self.init()["params"],
-                              exclude=config_lib.split(self.config.exclude) or None,
-                              rates=config_lib.parse_rates(self.config.rates) or None)
+        return config_lib.prunable(self.config, self.init()["params"])
 
     @functools.cached_property
     def dense_macs(self) -> dict[str, float]:

@@ -30,8 +30,7 @@ def test_config_is_valid(path):
     model = models.create(cfg.model, num_classes=data.num_classes(cfg.dataset))
     shapes = jax.eval_shape(lambda: models.init(model, jax.random.key(0),
                                                 data.input_shape(cfg.dataset)))
-    rates = masks.prunable(shapes["params"], exclude=config.split(cfg.exclude) or None,
-                           rates=config.parse_rates(cfg.rates) or None)
+    rates = config.prunable(cfg, shapes["params"])
     assert masks.prunable_paths(rates)
     if "out" in config.split(cfg.exclude):
         assert "out/kernel" not in masks.prunable_paths(rates)
