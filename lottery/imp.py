@@ -276,14 +276,35 @@ def _progress(cfg) -> bool:
     return cfg.progress and distributed.is_main_process()
 
 
-def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
-    """Random re-init (same mask) and random pruning (same per-layer counts) for several seeds,
-    trained together as vmapped replicas from the level's start state."""
-    cdir = os.path.join(level_dir(run_dir, level), "controls")
-    if is_done(cdir):
-        return
-    _rmtree(cdir)
+def control_source(s: Setup, run_dir: str, level: int, start: train_lib.TrainState):
+    """The full, unmasked (params, batch_stats) the random-pruning control takes its kept weights
+    from: the rewind point's values at every position.
+
+      init, iteration  the rewind checkpoint (step 0 or `rewind_step` of level 0), unmasked
+      lr, finetune     level 0's final weights (the dense trained network): level L-1's weights
+                       hold zeros wherever an earlier level pruned, so they cannot be the source
+    """
+    if s.cfg.rewind in ("init", "iteration"):
+        rewind = checkpoints.restore(os.path.join(run_dir, "rewind"), s.template(),
+                                     hint=_hint(run_dir, 0))
+        return rewind.params, rewind.batch_stats
+    dense = checkpoints.restore(os.path.join(level_dir(run_dir, 0), "final"), s.template(),
+                                hint=_hint(run_dir, 0))
+    return dense.params, dense.batch_stats
+
+
+def control_starts(s: Setup, run_dir: str, level: int, mask, prev_final):
+    """(names, start states, masks) of level `level`'s controls, all from the level's start state
+    (same step, trainer and length as the ticket):
+
+      reinit_s<k>        the ticket's mask; weights of a fresh initialization (its own key per
+                         level and seed); step, optimizer state and batch statistics of the start
+      random_prune_s<k>  a random mask with the ticket's per-layer counts; every kept weight starts
+                         at its value at the rewind point (`control_source`), not at the ticket's
+                         masked value (which is 0.0 outside the ticket's mask)
+    """
     start, trainer, total = _start_state(s, run_dir, level, mask, prev_final)
+    source = None
     names, states, cmasks = [], [], []
     for kind in config_lib.split(s.cfg.controls):
         for seed in range(s.cfg.control_seeds):
@@ -293,11 +314,23 @@ def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
                 m = mask
                 st = start.replace(params=masks.apply(fresh["params"], mask))
             else:
+                if source is None:
+                    source = control_source(s, run_dir, level, start)
                 m = masks.random_like(mask, jax.random.fold_in(key, 1), s.rates)
-                st = start.replace(params=masks.apply(start.params, m))
+                st = start.replace(params=masks.apply(source[0], m), batch_stats=source[1])
             names.append(f"{kind}_s{seed}")
             states.append(st)
             cmasks.append(m)
+    return names, states, cmasks, trainer, total
+
+
+def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
+    """Train the level's controls (`control_starts`) together as vmapped replicas."""
+    cdir = os.path.join(level_dir(run_dir, level), "controls")
+    if is_done(cdir):
+        return
+    _rmtree(cdir)
+    names, states, cmasks, trainer, total = control_starts(s, run_dir, level, mask, prev_final)
     if not names:
         return
     _, hist = train_lib.train(trainer, train_lib.stack(states), train_lib.stack(cmasks), s.data,

@@ -253,3 +253,28 @@ def test_unwritable_workdir(tiny_config, tmp_path):
     blocker.write_text("x")
     out = _cli(["find-ticket", "--config", tiny_config, "--workdir", str(blocker / "sub")])
     assert out.returncode == 2 and "--workdir" in out.stderr and "not writable" in out.stderr
+
+
+def test_random_prune_control_starts_at_rewind_values_outside_the_ticket(run):
+    """Every weight a random-pruning control keeps starts at its rewind-point (here: init) value,
+    also where the ticket's mask had pruned it (a masked start would put 0.0 there)."""
+    cfg, run_dir = run
+    s = imp.Setup(cfg)
+    init = checkpoints.restore(os.path.join(run_dir, "init"), s.variables)["params"]
+    ticket = load_mask(run_dir, 2, masks.init(init))
+    prev_final = checkpoints.restore(os.path.join(run_dir, "level_1", "final"), s.template())
+    names, states, cmasks, _, _ = imp.control_starts(s, run_dir, 2, ticket, prev_final)
+    assert names == ["reinit_s0", "reinit_s1", "random_prune_s0", "random_prune_s1"]
+    outside = 0
+    for name, st, m in zip(names, states, cmasks):
+        for p, k, w0, t in zip(*(jax.tree.leaves(x) for x in (st.params, m, init, ticket))):
+            p, k, w0, t = map(np.asarray, (p, k, w0, t))
+            assert np.all(p[~k] == 0.0)
+            if name.startswith("random_prune"):
+                np.testing.assert_array_equal(p[k], w0[k])
+                outside += int(np.sum(k & ~t))
+            else:  # a fresh init under the ticket's mask: the ticket's positions, other values
+                np.testing.assert_array_equal(k, t)
+                if p.ndim == 2:
+                    assert not np.any(p[k] == w0[k])
+    assert outside > 1000  # at density 0.64 most randomly kept weights lie outside the ticket
