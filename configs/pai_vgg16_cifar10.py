@@ -9,8 +9,8 @@ shot, global scope; SNIP/GraSP score on 10 x 10 = 100 augmented training example
 10^0 ... 10^3 in quarter-decade steps (13 points), 3 seeds.
 Compression ratio here = prunable weights / kept = 1 / density (the reference's `--compression`
 is the log10 of it). Every conv and dense kernel is prunable, biases and BN parameters are not,
-as in the reference. Known difference: `vgg16` is OpenLTH's cifar_vgg_16, whose BN scales start
-U[0, 1); the reference VGG starts them at 1.
+as in the reference. Init as the reference VGG (`Models/lottery_vgg.py`): Kaiming-normal kernels,
+zero biases, BN scales 1 (`bias_init='zeros'`, `bn_init='ones'`; OpenLTH's cifar_vgg_16 layout).
 """
 
 from lottery.pai import base_config
@@ -20,6 +20,8 @@ def get_config():
     c = base_config()
     c.dataset = "cifar10"
     c.model = "vgg16"
+    c.bias_init = "zeros"
+    c.bn_init = "ones"
     c.optimizer = "sgd"
     c.momentum = 0.9
     c.lr = 0.1

@@ -2,7 +2,9 @@
 
 OpenLTH `cifar_vgg_19` defaults (models/cifar_vgg.py): SGD momentum 0.9, lr 0.1, weight decay 1e-4,
 batch 128, 160 epochs with x0.1 at 80 and 120, flip+crop augmentation, fraction 0.2 global, output
-layer `fc` not pruned. Frankle et al. 2020 rewind VGG-19 to iteration ~1-2K; set rewind='iteration'.
+layer `fc` not pruned. OpenLTH's init: Kaiming-normal kernels, PyTorch-default biases, BN scales
+U[0, 1) (`bias_init='torch'`, `bn_init='uniform'`, the base defaults). Frankle et al. 2020 rewind
+VGG-19 to iteration ~1-2K; set rewind='iteration'.
 """
 
 from lottery.config import base

@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     distributed.initialize()  # joins a multi-process job when the environment describes one
     try:
         return args.handlers[args.command](args, overrides)
-    except (ValueError, FileExistsError, checkpoints.CorruptCheckpointError) as e:
+    except (ValueError, OSError, checkpoints.CorruptCheckpointError) as e:
+        # bad input, a diverged run (train.DivergenceError), a file that cannot be read or
+        # written, a damaged checkpoint: one line naming the thing, exit status 2
         print(f"lottery {args.command}: error: {e}", file=sys.stderr)
         return 2
 

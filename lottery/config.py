@@ -9,11 +9,14 @@ of the run hash: a finished run can be extended with more levels.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
+import traceback
 from typing import Any, Sequence
 
 import ml_collections
@@ -21,13 +24,13 @@ import ml_collections
 from lottery import steps as steps_lib
 
 REWINDS = ("init", "iteration", "lr", "finetune")
-SCOPES = ("global", "layerwise")
+SCOPES = ("global", "layerwise", "uniform", "erk")  # prune.SCOPES
 CONTROLS = ("reinit", "random_prune")
 # Left out of the run hash: they do not change results, or they only extend a run (more levels,
-# more controls, more scorers or compression points of a prune-at-init sweep).
+# more controls, more scorers, compression points or ablations of a prune-at-init sweep).
 UNHASHED = ("levels", "data_dir", "loop", "progress", "controls", "control_seeds",
             "control_levels", "checkpoint_seconds", "eval_batch_size",
-            "scorers", "compressions", "densities", "devices")
+            "scorers", "compressions", "densities", "ablations", "devices")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -38,6 +41,8 @@ def base() -> ml_collections.ConfigDict:
     c.dataset = "mnist5k"
     c.data_dir = ""  # '' = $LOTTERY_DATA_DIR or TFDS's default
     c.model = "lenet300_100"
+    c.bias_init = "torch"  # torch (PyTorch's default U(+-1/sqrt(fan_in)), OpenLTH) | zeros
+    c.bn_init = "uniform"  # BN scales: uniform (U[0, 1), OpenLTH) | ones (PyTorch, flax default)
     c.seed = 0  # model init and data order
     # training (OpenLTH mnist_lenet_300_100: SGD lr 0.1, batch 128, 40 epochs, no momentum)
     c.batch_size = 128
@@ -52,6 +57,7 @@ def base() -> ml_collections.ConfigDict:
     c.gamma = 0.1
     c.warmup_steps = "0it"
     c.augment = "none"  # none | cifar
+    c.sampling = "epochs"  # epochs (a permutation per epoch) | random (independent batches)
     c.eval_every = "1ep"
     c.eval_batch_size = 1000
     c.loop = "auto"  # auto | scan | steps
@@ -60,6 +66,7 @@ def base() -> ml_collections.ConfigDict:
     c.fraction = 0.2  # share of the remaining prunable weights removed per level
     c.scope = "global"
     c.scorer = "magnitude"
+    c.count_rule = "exact"  # exact | synflow | openlth: whose counting and tie rule (prune.py)
     c.exclude = "out"  # comma-separated patterns never pruned ('' = prune every kernel)
     c.rates = ""  # per-layer rate multipliers, e.g. 'out=0.5,conv1=0.8'
     # rewinding
@@ -78,10 +85,32 @@ def base() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields added after run directories existed, with the value that reproduces what older code did.
+# A saved config without them means that value, and at that value they are left out of the hash,
+# so the directories of older runs keep their names.
+LEGACY = {"bias_init": "zeros", "bn_init": "uniform", "sampling": "epochs", "count_rule": "exact"}
+# Config fields that are model options, passed to the models that have them (`model`).
+MODEL_OPTIONS = ("bias_init", "bn_init")
+
+
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
     """A run's saved config.json as a ConfigDict; fields added to `base()` since the run was made
-    take their defaults (new fields must default to what older code did)."""
-    return ml_collections.ConfigDict({**base().to_dict(), **saved})
+    take the value older code used (`LEGACY`), or their default."""
+    return ml_collections.ConfigDict({**base().to_dict(), **LEGACY, **saved})
+
+
+def model(cfg: ml_collections.ConfigDict, num_classes: int):
+    """The config's flax model, with the `MODEL_OPTIONS` fields the model class has (a model
+    without a `bias_init` field, e.g. the MNIST-1D ones with their reference init, ignores it).
+    A model given by import path or `models.register` is used as its factory builds it."""
+    from lottery import models  # noqa: PLC0415 - keep this module free of jax at import
+
+    m = models.create(cfg.model, num_classes=num_classes)
+    if cfg.model not in models.MODELS:
+        return m
+    names = {f.name for f in dataclasses.fields(m)}
+    opts = {k: cfg[k] for k in MODEL_OPTIONS if k in names and k in cfg}
+    return m.clone(**opts) if opts else m
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -94,14 +123,39 @@ def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     sys.path.insert(0, folder)  # a config may import a sibling config and override it
     try:
         spec.loader.exec_module(module)
+    except Exception as e:  # anything a Python file can raise: one line naming the file
+        raise ValueError(_config_error(path, e, "loading it")) from None
     finally:
         sys.path.remove(folder)
     if not hasattr(module, "get_config"):
         raise ValueError(f"--config {path!r} has no get_config() function")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as e:
+        raise ValueError(_config_error(path, e, "get_config()")) from None
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ValueError(f"--config {path}: get_config() returned {type(cfg).__name__}, "
+                         f"expected an ml_collections.ConfigDict (start from "
+                         f"lottery.config.base())")
     for item in overrides:
         apply_override(cfg, item)
     return cfg
+
+
+def _config_error(path: str, e: Exception, stage: str) -> str:
+    """One line for an exception raised by a config file: where (file and line) and what."""
+    if isinstance(e, SyntaxError):
+        where = "" if os.path.abspath(e.filename or path) == os.path.abspath(path) \
+            else f" in {e.filename}"
+        return f"--config {path}: syntax error{where} at line {e.lineno}: {e.msg}"
+    frames = traceback.extract_tb(e.__traceback__)
+    folder = os.path.dirname(os.path.abspath(path))
+    user = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) == folder]
+    at = f" at line {user[-1].lineno}" + (
+        f" of {user[-1].filename}" if os.path.abspath(user[-1].filename) != os.path.abspath(path)
+        else "") if user else ""
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return f"--config {path}: {stage} failed{at}: {type(e).__name__}: {msg}".rstrip(": ")
 
 
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
@@ -126,7 +180,9 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
         else:
             value = type(old)(ast.literal_eval(raw))
     except (ValueError, SyntaxError):
-        raise ValueError(f"--config.{field}={raw!r}: expected a {type(old).__name__}") from None
+        kind = type(old).__name__
+        raise ValueError(f"--config.{field}={raw!r}: expected "
+                         f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
     cfg[field] = value
 
 
@@ -158,6 +214,17 @@ def prunable(cfg: ml_collections.ConfigDict, params) -> Any:
                           rates=parse_rates(cfg.rates) or None)
 
 
+def count_basis(cfg: ml_collections.ConfigDict, params) -> Any:
+    """For count_rule='openlth': the leaves OpenLTH counts remaining weights over, i.e. every leaf
+    the default rule would prune, also those `exclude` keeps (its `pruning_layers_to_ignore`);
+    None for the other rules."""
+    if cfg.get("count_rule", "exact") != "openlth":
+        return None
+    from lottery import masks  # noqa: PLC0415 - keep this module free of jax at import
+
+    return masks.prunable(params)
+
+
 def _choice(cfg, field, allowed):
     if cfg[field] not in allowed:
         raise ValueError(f"{field}={cfg[field]!r}: expected one of {', '.join(allowed)}")
@@ -165,17 +232,21 @@ def _choice(cfg, field, allowed):
 
 def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None) -> None:
     """Raise ValueError naming the first bad field and its allowed values. Cheap: no data, no jax."""
-    from lottery import data, models, scorers, train  # noqa: PLC0415 - keep import light
+    from lottery import data, models, prune, scorers, train  # noqa: PLC0415 - keep import light
 
     _choice(cfg, "dataset", data.DATASETS)
     _choice(cfg, "model", tuple(models.MODELS))
+    _choice(cfg, "bias_init", models.BIAS_INITS)
+    _choice(cfg, "bn_init", tuple(models.BN_SCALE_INITS))
     _choice(cfg, "optimizer", train.OPTIMIZERS)
     _choice(cfg, "lr_schedule", train.LR_SCHEDULES)
     _choice(cfg, "augment", tuple(train.AUGMENTATIONS))
     _choice(cfg, "loop", train.LOOPS)
+    _choice(cfg, "sampling", train.SAMPLINGS)
     _choice(cfg, "scope", SCOPES)
     _choice(cfg, "rewind", REWINDS)
     _choice(cfg, "scorer", tuple(scorers.SCORERS))
+    _choice(cfg, "count_rule", prune.COUNT_RULES)
     for c in split(cfg.controls):
         if c not in CONTROLS:
             raise ValueError(f"controls={cfg.controls!r}: unknown control {c!r}; "
@@ -184,8 +255,8 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     if cfg.rewind == "finetune":
         positive["finetune_lr"] = cfg.finetune_lr
     for k, v in positive.items():
-        if not v > 0:
-            raise ValueError(f"{k}={v}: must be > 0")
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{k}={v}: must be a finite number > 0")
     if not 0 <= cfg.fraction < 1:
         raise ValueError(f"fraction={cfg.fraction}: must be in [0, 1) (share of the remaining "
                          f"weights removed per level)")
@@ -223,7 +294,8 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
 
 def hashed_fields(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields that determine results, as plain JSON-able values."""
-    return {k: v for k, v in sorted(cfg.to_dict().items()) if k not in UNHASHED}
+    return {k: v for k, v in sorted(cfg.to_dict().items())
+            if k not in UNHASHED and not (k in LEGACY and v == LEGACY[k])}
 
 
 def run_hash(cfg: ml_collections.ConfigDict) -> str:

@@ -92,7 +92,7 @@ def read_level(run_dir: str, level: int) -> tuple[nn.Module, dict, PyTree, PyTre
         raise ValueError(f"--level {level!r}: not a finished level of {run_dir} "
                          f"(finished levels: {done or 'none'})")
     input_shape, num_classes = data.input_shape(cfg.dataset), data.num_classes(cfg.dataset)
-    model = models.create(cfg.model, num_classes=num_classes)
+    model = config_lib.model(cfg, num_classes)
     hint = f"Rerun `lottery find-ticket` with --discard-level {level} to train it again."
     final = checkpoints.restore(os.path.join(ldir, "final"), hint=hint)
     mask = checkpoints.restore(os.path.join(ldir, "mask"), hint=hint)

@@ -34,10 +34,8 @@ the density of the mask the network had at that step.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
-from fractions import Fraction
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -121,6 +119,9 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     if cfg.structure != "weights":
         raise ValueError(f"structure={cfg.structure!r}: AGP prunes single weights; "
                          f"expected 'weights'")
+    if cfg.count_rule != "exact":
+        raise ValueError(f"count_rule={cfg.count_rule!r}: AGP counts as lottery does (neither "
+                         f"reference has AGP); expected 'exact'")
     start, end = _parse(cfg, "prune_start", spe), _parse(cfg, "prune_end", spe)
     every = _parse(cfg, "prune_every", spe)
     # Without the data's epoch length, only compare lengths that do not depend on it.
@@ -161,29 +162,25 @@ def prune_steps(start: int, end: int, every: int) -> list[int]:
     return sorted(set(range(start, end, every)) | {end})
 
 
-def _round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
-
-
 def agp_schedule(mask: PyTree, rates: PyTree | None, *, final_density: float, start: int,
                  end: int, every: int, scope: str = "global",
                  initial_density: float = 1.0) -> Schedule:
     """The events of an AGP run on `mask`'s prunable weights: at step t keep
-    round-half-up(schedules.agp(t) * n) weights, n = all prunable weights (global) or each leaf's.
+    the counts `prune.keep_counts` gives for density schedules.agp(t) in `scope` (global:
+    round-half-up(d * n) of all n prunable weights; layerwise: of each leaf's; uniform / erk:
+    the global count split over the leaves).
 
     The density at each event is computed in float64 on the host and rounded exactly (read as its
     shortest decimal, as `prune.to_density` reads a Python density).
     """
     if scope not in prune.SCOPES:
         raise ValueError(f"scope={scope!r}: expected one of {', '.join(prune.SCOPES)}")
-    sizes = [t for _, t in masks.counts(mask, rates).values()]
-    sizes = [sum(sizes)] if scope == "global" else sizes
     steps = prune_steps(start, end, every)
     counts = []
     for t in steps:
         d = float(schedules.agp(t, final_density=final_density, start_step=start, end_step=end,
                                 initial_density=initial_density))
-        counts.append([_round_half_up(Fraction(repr(d)) * n) for n in sizes])
+        counts.append(np.atleast_1d(prune.keep_counts(mask, d, scope=scope, rates=rates)))
     return Schedule(np.asarray(steps, np.int32), np.asarray(counts, np.int32))
 
 
@@ -221,7 +218,8 @@ def _agp_epoch(trainer, scope, rates_l, schedule, state, mask, x, y, start, stop
     the mask in the carry). Returns (state, mask, summed loss)."""
     n = x.shape[0]
     spe = n // trainer.batch_size
-    order = train_lib.epoch_order(state.key, state.step // spe, n, trainer.batch_size)
+    order = train_lib.epoch_order(state.key, state.step // spe, n, trainer.batch_size,
+                                  trainer.sampling)
 
     def body(carry, i):
         state, mask, total = carry
@@ -288,7 +286,7 @@ def train_agp(trainer: train_lib.Trainer, state: train_lib.TrainState, mask: PyT
             state, mask, total = epoch_fn(schedule, state, mask, x_dev, y_dev, a, b)
         else:
             order = np.asarray(train_lib.epoch_order(state.key, pos // spe, n,
-                                                     trainer.batch_size))
+                                                     trainer.batch_size, trainer.sampling))
             total = 0.0
             for i in range(a, b):
                 state, mask, loss = step_fn(schedule, state, mask, data.x_train[order[i]],
@@ -408,18 +406,21 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
 def oneshot_mask(params: PyTree, mask: PyTree, inputs: scorers.Inputs | None, *,
                  density: float, scorer: str = "magnitude", scope: str = "global",
                  structure: str = "weights", unit_norm: str = "l1",
-                 rates: PyTree | None = None) -> PyTree:
+                 rates: PyTree | None = None, count_rule: str = "exact",
+                 count_basis: PyTree | None = None) -> PyTree:
     """One pruning step to `density` of the prunable weights: the alive weights with the highest
     `scorer` scores (`scope` global or layerwise, exact counts as `prune.to_density`), or with
     structure 'units' whole output units ranked by the `unit_norm` of their weights' scores
-    (`prune.units_to_density`). `inputs` is what the scorer needs (None for magnitude)."""
+    (`prune.units_to_density`; `count_rule` applies to weights only). `inputs` is what the scorer
+    needs (None for magnitude)."""
     if structure not in STRUCTURES:
         raise ValueError(f"structure={structure!r}: expected one of {', '.join(STRUCTURES)}")
     scores = scorers.get(scorer)(params, mask, inputs)
     if structure == "units":
         units = prune.unit_scores(scores, masks.resolve_rates(mask, rates), unit_norm)
         return prune.units_to_density(units, mask, density, scope=scope, rates=rates)
-    return prune.to_density(scores, mask, density, scope=scope, rates=rates)
+    return prune.to_density(scores, mask, density, scope=scope, rates=rates,
+                            count_rule=count_rule, count_basis=count_basis)
 
 
 def _scoring_inputs(s: imp.Setup, trained: train_lib.TrainState) -> scorers.Inputs:
@@ -456,7 +457,9 @@ def run_oneshot(cfg: ml_collections.ConfigDict, workdir: str, *,
                 mask = oneshot_mask(final.params, mask, _scoring_inputs(s, final),
                                     density=cfg.final_density, scorer=cfg.scorer,
                                     scope=cfg.scope, structure=cfg.structure,
-                                    unit_norm=cfg.unit_norm, rates=s.rates)
+                                    unit_norm=cfg.unit_norm, rates=s.rates,
+                                    count_rule=cfg.count_rule,
+                                    count_basis=config_lib.count_basis(cfg, final.params))
             os.makedirs(ldir, exist_ok=True)
             imp._rmtree(mask_path)
             checkpoints.save(mask_path, mask)

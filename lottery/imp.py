@@ -17,6 +17,7 @@ Run directory (everything via orbax; a level is complete once its DONE file exis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lottery import checkpoints, config as config_lib, data as data_lib, distributed, masks
-from lottery import models, prune
+from lottery import models, prune, runs as runs_lib
 from lottery import scorers, steps as steps_lib, train as train_lib
 
 PyTree = Any
@@ -52,19 +53,18 @@ def _to_py(v):
     return v.tolist() if v.ndim else v.item()
 
 
-def read_metrics(path: str) -> list[dict]:
-    """The JSON lines of a metrics file ([] if it does not exist)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: str, *, partial_last: bool = False) -> list[dict]:
+    """The JSON lines of a metrics file ([] if it does not exist). An invalid line is a
+    ValueError naming the file, except, with `partial_last`, a last line cut short (what a
+    kill leaves in a level being resumed; it is written again), which is dropped."""
+    return runs_lib.read_jsonl(path, complete=not partial_last)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
     """Drop lines written after the checkpoint we resume from (they will be written again)."""
     if not distributed.is_main_process():
         return
-    kept = [r for r in read_metrics(path) if r["step"] <= last_step]
+    kept = [r for r in read_metrics(path, partial_last=True) if r["step"] <= last_step]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)
@@ -99,7 +99,7 @@ class Setup:
         self.rewind_step = parse(cfg.rewind_step, "rewind_step") \
             if cfg.rewind in ("iteration", "lr") else 0
         self.eval_every = parse(cfg.eval_every, "eval_every") or self.spe
-        self.model = models.create(cfg.model, num_classes=self.data.num_classes)
+        self.model = config_lib.model(cfg, self.data.num_classes)
         lr = train_lib.learning_rate(
             cfg.lr, schedule=cfg.lr_schedule, total_steps=self.total,
             warmup_steps=parse(cfg.warmup_steps, "warmup_steps"),
@@ -109,7 +109,7 @@ class Setup:
                                       nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.mesh = distributed.data_mesh(cfg.devices, cfg.batch_size)  # None: one device
         self.trainer = train_lib.Trainer(self.model, self.tx, cfg.batch_size, cfg.augment, cfg.loop,
-                                         mesh=self.mesh)
+                                         mesh=self.mesh, sampling=cfg.sampling)
         if cfg.rewind == "finetune":
             self.finetune_steps = parse(cfg.finetune_steps or cfg.training_steps, "finetune_steps")
             self.ft_tx = train_lib.optimizer(cfg.optimizer, cfg.finetune_lr, momentum=cfg.momentum,
@@ -147,8 +147,7 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     path = os.path.join(run_dir, "config.json")
     fields = config_lib.hashed_fields(cfg)
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = runs_lib.read_json(path)
         if config_lib.hashed_fields(config_lib.from_saved(saved)) != fields:
             raise ValueError(f"{run_dir} holds a run with a different config; refusing to write "
                              f"into it (compare {path})")
@@ -195,7 +194,8 @@ def _prune_mask(s: Setup, prev_final: train_lib.TrainState, prev_mask: PyTree) -
     if s.mesh is not None:
         scores = jax.tree.map(np.asarray, scores)  # prune on host, as with one device
     return prune.remove_fraction(scores, prev_mask, s.cfg.fraction, scope=s.cfg.scope,
-                                 rates=s.rates)
+                                 rates=s.rates, count_rule=s.cfg.count_rule,
+                                 count_basis=config_lib.count_basis(s.cfg, s.variables["params"]))
 
 
 def _start_state(s: Setup, run_dir: str, level: int, mask, prev_final):
@@ -220,6 +220,23 @@ def _start_state(s: Setup, run_dir: str, level: int, mask, prev_final):
 def _hint(run_dir: str, level: int) -> str:
     return (f"Rerun with --discard-level {level} to delete level {level} of {run_dir} and "
             f"train it again (levels after it are deleted too).")
+
+
+def _existing_levels(run_dir: str) -> list[int]:
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(int(n[6:]) for n in names if n.startswith("level_") and n[6:].isdigit())
+
+
+def check_discard(run_dir: str, level: int) -> None:
+    """ValueError, before anything is deleted, unless `level` is in 0..the last level of
+    `run_dir` (0 also discards init and rewind, so it is valid once the run directory exists)."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"--discard-level {level}: there is no run to discard from ({run_dir} "
+                         f"does not exist)")
+    last = max(_existing_levels(run_dir), default=0)
+    if not 0 <= level <= last:
+        raise ValueError(f"--discard-level {level}: expected a level in 0..{last} (the levels of "
+                         f"{run_dir})")
 
 
 def discard_level(run_dir: str, level: int) -> None:
@@ -355,6 +372,8 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
                          f"{cfg.experiment}`, not `lottery find-ticket`")
     config_lib.validate(cfg)
     run_dir = prepare_run(cfg, workdir)
+    if discard is not None:
+        check_discard(run_dir, discard)
     s = Setup(cfg)  # loads data and validates everything that needs its size, before writing
     os.makedirs(run_dir, exist_ok=True)
     cfg_path = os.path.join(run_dir, "config.json")
@@ -380,6 +399,7 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
             if checkpoints.exists(mask_path):
                 mask = checkpoints.restore(mask_path, mask, hint=_hint(run_dir, level))
             else:
+                _check_finite_final(run_dir, level - 1, prev_final)
                 mask = _prune_mask(s, prev_final, mask)
         if not checkpoints.exists(mask_path):
             os.makedirs(ldir, exist_ok=True)
@@ -394,14 +414,37 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
                 s.ft_tx if cfg.rewind == "finetune" and level > 0 else None),
                 hint=_hint(run_dir, level))
         else:
-            final = _train_level(s, run_dir, level, mask, prev_final,
-                                 f"level {level} (density {density:.3f})")
+            with _name_level(f"level {level}"):
+                final = _train_level(s, run_dir, level, mask, prev_final,
+                                     f"level {level} (density {density:.3f})")
         if level > 0 and config_lib.split(cfg.controls) and (
                 not control_levels or level in control_levels):
-            _run_controls(s, run_dir, level, mask, prev_final)
+            with _name_level(f"level {level} controls"):
+                _run_controls(s, run_dir, level, mask, prev_final)
         prev_final = final
     levels.close()
     return run_dir
+
+
+@contextlib.contextmanager
+def _name_level(what: str):
+    """Re-raise a DivergenceError of training with `what` (e.g. 'level 3') in front: the run
+    stops there, nothing of the diverged training is saved (its DONE and final are never
+    written), and no later level is pruned from it."""
+    try:
+        yield
+    except train_lib.DivergenceError as e:
+        raise train_lib.DivergenceError(f"{what}: {e}", e.step, e.replica) from None
+
+
+def _check_finite_final(run_dir: str, level: int, final: train_lib.TrainState) -> None:
+    """Refuse to prune from non-finite weights (e.g. a level that diverged under an older
+    version, which saved it as finished)."""
+    if not bool(train_lib.all_finite(final.params)):
+        raise train_lib.DivergenceError(
+            f"level {level}: its final weights are not finite (training diverged; likely cause: "
+            f"the learning rate is too high); not pruning from them. {_hint(run_dir, level)}",
+            int(np.asarray(final.step).reshape(-1)[0]))
 
 
 def summary(run_dir: str) -> list[dict]:
@@ -413,12 +456,21 @@ def summary(run_dir: str) -> list[dict]:
     return rows
 
 
+def _evaluations(path: str, run_dir: str, level: int) -> list[dict]:
+    """The evaluation records of a finished level's metrics file; ValueError naming the file
+    if there are none."""
+    recs = [r for r in read_metrics(path) if "test_accuracy" in r]
+    if not recs:
+        raise ValueError(f"{path} has no evaluation records, but level {level} is marked done; "
+                         f"{_hint(run_dir, level)}")
+    return recs
+
+
 def _level_row(run_dir: str, level: int) -> dict:
     ldir = level_dir(run_dir, level)
-    metrics = read_metrics(os.path.join(ldir, "metrics.jsonl"))
+    metrics = _evaluations(os.path.join(ldir, "metrics.jsonl"), run_dir, level)
     best = max(metrics, key=lambda r: r["test_accuracy"])
-    with open(os.path.join(ldir, "info.json")) as f:
-        info = json.load(f)
+    info = runs_lib.read_json(os.path.join(ldir, "info.json"))
     row = {"level": level, "density": info["density"], "kept": info["kept"],
            "total": info["total"], "final_accuracy": metrics[-1]["test_accuracy"],
            "best_accuracy": best["test_accuracy"], "best_step": best["step"]}
@@ -427,6 +479,7 @@ def _level_row(run_dir: str, level: int) -> dict:
         for name in sorted(os.listdir(cdir)):
             if os.path.isdir(os.path.join(cdir, name)):
                 kind = name.rsplit("_s", 1)[0]
-                acc = read_metrics(os.path.join(cdir, name, "metrics.jsonl"))[-1]["test_accuracy"]
+                acc = _evaluations(os.path.join(cdir, name, "metrics.jsonl"), run_dir,
+                                   level)[-1]["test_accuracy"]
                 row.setdefault(f"{kind}_accuracy", []).append(acc)
     return row

@@ -72,15 +72,21 @@ def prunable(params: PyTree, include: Pattern | Sequence[Pattern] | None = None,
     A pattern is a path ('Dense_2/kernel'), a module prefix ('Dense_2'), a regex matched against
     the whole path ('Conv_.*/kernel'), or a predicate `f(path, leaf) -> bool`.
     `rates` maps patterns to multipliers of the pruning rate (first match wins); 0.0 excludes.
+    A string pattern of `exclude` or `rates` that matches no otherwise prunable leaf is an error
+    (a typo would silently prune, or not scale, what it meant).
     """
     inc, exc = _as_list(include), _as_list(exclude)
     rates = dict(rates or {})
-    seen = set()
+    seen, excluded = set(), set()
 
     def rate(path, leaf):
         p = path_str(path)
         ok = any(_matches(q, p, leaf) for q in inc) if inc else default_prunable(p, leaf)
-        if not ok or any(_matches(q, p, leaf) for q in exc):
+        if not ok:
+            return 0.0
+        hits = [i for i, q in enumerate(exc) if _matches(q, p, leaf)]
+        if hits:
+            excluded.update(hits)
             return 0.0
         for q, r in rates.items():
             if _matches(q, p, leaf):
@@ -91,6 +97,13 @@ def prunable(params: PyTree, include: Pattern | Sequence[Pattern] | None = None,
         return 1.0
 
     out = jax.tree_util.tree_map_with_path(rate, params)
+    unmatched = [q for i, q in enumerate(exc) if isinstance(q, str) and i not in excluded]
+    if unmatched:
+        candidates = [path_str(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+                      if (any(_matches(q, path_str(p), leaf) for q in inc) if inc
+                          else default_prunable(path_str(p), leaf))]
+        raise ValueError(f"exclude pattern(s) {unmatched} match no prunable leaf; prunable "
+                         f"leaves: {candidates}")
     unused = [q for q in rates if q not in seen]
     if unused:
         raise ValueError(f"rates pattern(s) {unused} match no prunable leaf; "

@@ -12,8 +12,13 @@ bn1, conv2, bn2` and, where the shape changes, `shortcut_conv, shortcut_bn`; the
 `conv, bn`.
 
 Initialisation: Kaiming-normal kernels (fan_in, ReLU gain sqrt(2), untruncated, as PyTorch's
-`kaiming_normal_` that OpenLTH uses) and zero biases, except Conv-2/4/6 (Glorot normal, as in the
-lottery-ticket paper) and the MNIST-1D models (PyTorch's default layer init, as the reference code).
+`kaiming_normal_` that OpenLTH uses), except Conv-2/4/6 (Glorot normal, as in the lottery-ticket
+paper's TensorFlow code) and the MNIST-1D models (PyTorch's default layer init, as the reference
+code). Biases follow the model's `bias_init` (`BIAS_INITS`): 'torch' = PyTorch's default
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which OpenLTH keeps because its `kaiming_normal` initializer
+sets only the weights (the default of LeNet-300-100, VGG and ResNet, which follow OpenLTH);
+'zeros' (the default of Conv-2/4/6, as TensorFlow's layers; the Synaptic-Flow models). BN scales
+follow `bn_init` (`BN_SCALE_INITS`). Configs reach both through the fields of the same names.
 """
 
 from __future__ import annotations
@@ -49,6 +54,22 @@ def torch_default_bias(fan_in: int) -> Callable:
     return init
 
 
+BIAS_INITS = ("torch", "zeros")
+
+
+def _bias_init(kind: str, fan_in: int) -> Callable:
+    if kind not in BIAS_INITS:
+        raise ValueError(f"bias_init={kind!r}: must be one of {list(BIAS_INITS)}")
+    return torch_default_bias(fan_in) if kind == "torch" else zeros
+
+
+def _dense(features: int, x: jax.Array, name: str, bias_init: str,
+           kernel_init: Callable = None) -> jax.Array:
+    """Dense layer applied to `x`, bias init by kind with fan_in = x's last dimension."""
+    return nn.Dense(features, kernel_init=kernel_init or kaiming_normal,
+                    bias_init=_bias_init(bias_init, x.shape[-1]), name=name)(x)
+
+
 BN_SCALE_INITS = {
     "uniform": nn.initializers.uniform(1.0),  # OpenLTH's default batchnorm_init: gamma ~ U[0, 1)
     "ones": nn.initializers.ones,  # the usual PyTorch / flax default
@@ -63,10 +84,12 @@ def _bn(train: bool, bn_init: str, name: str) -> nn.BatchNorm:
 
 
 def _conv3x3(features: int, name: str, stride: int = 1, use_bias: bool = True,
-             kernel_init: Callable = kaiming_normal) -> nn.Conv:
+             kernel_init: Callable = kaiming_normal, bias_init: str = "zeros",
+             in_features: int = 1) -> nn.Conv:
     """3x3 conv, PyTorch's symmetric padding 1 (flax 'SAME' pads stride-2 convs asymmetrically)."""
     return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                   use_bias=use_bias, kernel_init=kernel_init, bias_init=zeros, name=name)
+                   use_bias=use_bias, kernel_init=kernel_init,
+                   bias_init=_bias_init(bias_init, 9 * in_features), name=name)
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -80,20 +103,21 @@ def _max_pool(x: jax.Array) -> jax.Array:
 class LeNet300100(nn.Module):
     """LeNet-300-100: 784-300-100-classes, ReLU (OpenLTH `mnist_lenet_300_100`; LT paper Fig. 2).
 
-    266,610 parameters for 28x28 input. Layers `fc1`, `fc2`, `out`.
+    266,610 parameters for 28x28 input. Layers `fc1`, `fc2`, `out`. OpenLTH's init: Kaiming-normal
+    kernels, PyTorch-default biases (`bias_init='torch'`).
     """
 
     num_classes: int = 10
     hidden: Sequence[int] = (300, 100)
+    bias_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
         x = _flatten(x)
         for i, h in enumerate(self.hidden, start=1):
-            x = nn.relu(nn.Dense(h, kernel_init=kaiming_normal, bias_init=zeros, name=f"fc{i}")(x))
-        return nn.Dense(self.num_classes, kernel_init=kaiming_normal, bias_init=zeros,
-                        name="out")(x)
+            x = nn.relu(_dense(h, x, f"fc{i}", self.bias_init))
+        return _dense(self.num_classes, x, "out", self.bias_init)
 
 
 CONV_PLANS: dict[int, tuple] = {
@@ -107,7 +131,8 @@ class ConvNet(nn.Module):
     """Conv-2 / Conv-4 / Conv-6 for CIFAR-10 (Frankle & Carbin 2019, Fig. 2 and Appendix).
 
     3x3 'SAME' convs with ReLU and bias, 2x2 max pools ('M' in `plan`), then FC 256, 256, classes;
-    Glorot-normal kernels, zero biases. For 32x32x3 input: Conv-2 4,301,642 and Conv-4 2,425,930
+    Glorot-normal kernels, zero biases (`bias_init='zeros'`, TensorFlow's default, as the paper's
+    code). For 32x32x3 input: Conv-2 4,301,642 and Conv-4 2,425,930
     parameters (the paper's 4.3M and 2.4M); Conv-6 2,262,602 (the paper's table says 1.7M, which
     these layer sizes cannot give; its 1.1M conv weights do match). Layers `conv1..`, `fc1`,
     `fc2`, `out`.
@@ -116,6 +141,7 @@ class ConvNet(nn.Module):
     num_classes: int = 10
     plan: Sequence[int | str] = CONV_PLANS[2]
     hidden: Sequence[int] = (256, 256)
+    bias_init: str = "zeros"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -126,12 +152,12 @@ class ConvNet(nn.Module):
                 x = _max_pool(x)
             else:
                 i += 1
-                x = nn.relu(_conv3x3(int(spec), f"conv{i}", kernel_init=glorot_normal)(x))
+                x = nn.relu(_conv3x3(int(spec), f"conv{i}", kernel_init=glorot_normal,
+                                     bias_init=self.bias_init, in_features=x.shape[-1])(x))
         x = _flatten(x)
         for j, h in enumerate(self.hidden, start=1):
-            x = nn.relu(nn.Dense(h, kernel_init=glorot_normal, bias_init=zeros, name=f"fc{j}")(x))
-        return nn.Dense(self.num_classes, kernel_init=glorot_normal, bias_init=zeros,
-                        name="out")(x)
+            x = nn.relu(_dense(h, x, f"fc{j}", self.bias_init, glorot_normal))
+        return _dense(self.num_classes, x, "out", self.bias_init, glorot_normal)
 
 
 VGG_PLANS: dict[int, tuple] = {  # OpenLTH models/cifar_vgg.py (no max pool after the last stage)
@@ -147,8 +173,9 @@ class VGG(nn.Module):
 
     Each conv: 3x3 pad 1 with bias, BN, ReLU; 'M' = 2x2 max pool. The last stage has no max pool;
     OpenLTH then average-pools the 2x2 map (for 32x32 input), done here as a global average pool,
-    then one Dense(classes) `out` (OpenLTH's `fc`). Kaiming-normal kernels, zero biases, BN gamma
-    per `bn_init` (OpenLTH default 'uniform' = U[0, 1)). Parameters for 10 classes: VGG-11
+    then one Dense(classes) `out` (OpenLTH's `fc`). Kaiming-normal kernels, biases per `bias_init`
+    (OpenLTH: 'torch'), BN gamma per `bn_init` (OpenLTH: 'uniform' = U[0, 1)); the Synaptic-Flow
+    reference VGG uses `bias_init='zeros', bn_init='ones'`. Parameters for 10 classes: VGG-11
     9,231,114, VGG-16 14,728,266, VGG-19 20,040,522 (the LT paper's 20.0M). Layers `conv{i}`,
     `bn{i}`, `out`.
     """
@@ -156,6 +183,7 @@ class VGG(nn.Module):
     num_classes: int = 10
     plan: Sequence[int | str] = VGG_PLANS[16]
     bn_init: str = "uniform"
+    bias_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -165,11 +193,11 @@ class VGG(nn.Module):
                 x = _max_pool(x)
             else:
                 i += 1
-                x = _conv3x3(int(spec), f"conv{i}")(x)
+                x = _conv3x3(int(spec), f"conv{i}", bias_init=self.bias_init,
+                             in_features=x.shape[-1])(x)
                 x = nn.relu(_bn(train, self.bn_init, f"bn{i}")(x))
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=kaiming_normal, bias_init=zeros,
-                        name="out")(x)
+        return _dense(self.num_classes, x, "out", self.bias_init)
 
 
 class ResBlock(nn.Module):
@@ -203,12 +231,14 @@ class ResNet(nn.Module):
     Stem conv3x3(W)+BN+ReLU, three stages of n blocks with W, 2W, 4W filters (stride 2 at the start
     of stages 2 and 3, projection shortcuts there), global average pool, Dense `out`. W = 16 by
     default. Parameters for 10 classes: ResNet-20 272,474, ResNet-32 466,906, ResNet-56 855,770.
+    Convs have no bias; the bias of `out` follows `bias_init` (OpenLTH: 'torch').
     """
 
     num_classes: int = 10
     depth: int = 20
     width: int = 16
     bn_init: str = "uniform"
+    bias_init: str = "torch"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -223,8 +253,7 @@ class ResNet(nn.Module):
                 x = ResBlock(self.width * 2**s, stride, self.bn_init,
                              name=f"stage{s + 1}_block{b}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=kaiming_normal, bias_init=zeros,
-                        name="out")(x)
+        return _dense(self.num_classes, x, "out", self.bias_init)
 
 
 def _torch_dense(features: int, fan_in: int, name: str, torch_init: bool) -> nn.Dense:

@@ -55,6 +55,8 @@ def format_levels(levels) -> str:
 
 def _check_run_dir(path: str) -> str:
     path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r} is a file, not a run directory")
     if not os.path.isdir(path):
         raise ValueError(f"run directory {path!r} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -87,14 +89,12 @@ class Run:
     @functools.cached_property
     def config(self) -> ml_collections.ConfigDict:
         """The resolved config the run was started with (config.json)."""
-        with open(os.path.join(self.path, "config.json")) as f:
-            return config_lib.from_saved(json.load(f))
+        return config_lib.from_saved(read_json(os.path.join(self.path, "config.json")))
 
     @functools.cached_property
     def model(self):
         """The flax model, rebuilt from the config (no data is loaded)."""
-        return models.create(self.config.model,
-                             num_classes=data_lib.num_classes(self.config.dataset))
+        return config_lib.model(self.config, data_lib.num_classes(self.config.dataset))
 
     @functools.cached_property
     def input_shape(self) -> tuple[int, ...]:
@@ -109,9 +109,36 @@ class Run:
     @functools.cached_property
     def dense_macs(self) -> dict[str, float]:
         """{kernel path: multiply-accumulates per example} of every Dense and Conv layer."""
+        self.check_model()
         x = np.zeros((1, *self.input_shape), np.float32)
         return {p: d for p, (d, _) in
                 metrics_lib.flops(self.model, self.init(), x, train=False).items()}
+
+    def check_model(self) -> None:
+        """ValueError (one line) unless the saved init holds exactly the params (paths, shapes)
+        of the model config.json names: a config.json edited or copied from another run would
+        otherwise fail deep inside flax."""
+        if "model_ok" in self._cache:
+            return
+        want = jax.eval_shape(lambda k: models.init(self.model, k, self.input_shape),
+                              jax.random.key(0))["params"]
+        want = {masks.path_str(p): tuple(x.shape)
+                for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+        got = {masks.path_str(p): tuple(np.shape(x))
+               for p, x in jax.tree_util.tree_flatten_with_path(self.init()["params"])[0]}
+        if want != got:
+            diff = sorted(set(want.items()) ^ set(got.items()))
+            first = next(p for p, _ in diff)
+            if first not in got:
+                what = f"the model has {first} {want[first]}, init/ does not"
+            elif first not in want:
+                what = f"init/ has {first} {got[first]}, the model does not"
+            else:
+                what = f"{first} is {got[first]} in init/, {want[first]} in the model"
+            raise ValueError(
+                f"the checkpoints of {self.path} do not match the model its config.json names "
+                f"({self.config.model} on {self.config.dataset}): {what}")
+        self._cache["model_ok"] = True
 
     # ---- levels ----
 
@@ -206,7 +233,8 @@ class Run:
         """The level's evaluation records ({'step', 'train_loss', 'test_loss', 'test_accuracy'});
         partial for a level still training."""
         level = self.check_level(level, complete=False)
-        return _read_jsonl(os.path.join(self.level_dir(level), "metrics.jsonl"))
+        return read_jsonl(os.path.join(self.level_dir(level), "metrics.jsonl"),
+                           complete=level in self.levels)
 
     # ---- controls ----
 
@@ -232,7 +260,8 @@ class Run:
 
     def control_metrics(self, level: int, name: str) -> list[dict]:
         """The evaluation records of control `name` of `level`."""
-        return _read_jsonl(os.path.join(self._control_dir(level, name), "metrics.jsonl"))
+        return read_jsonl(os.path.join(self._control_dir(level, name), "metrics.jsonl"),
+                           complete=True)
 
     # ---- summaries ----
 
@@ -265,8 +294,9 @@ class Run:
         kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
         recs = [r for r in self.metrics(level) if "test_accuracy" in r]
         if not recs:
-            raise ValueError(f"level {level} of {self.path} is marked done but its metrics.jsonl "
-                             f"has no evaluation; {self._what_exists()}")
+            raise ValueError(f"{os.path.join(self.level_dir(level), 'metrics.jsonl')} has no "
+                             f"evaluation records, but level {level} is marked done; "
+                             f"{self._what_exists()}")
         best = max(recs, key=lambda r: r["test_accuracy"])  # first maximum: earliest step
         info = {"level": level, "density": kept / total, "kept": kept, "total": total,
                 "compression_ratio": masks.compression_ratio(self.weights(level), mask),
@@ -303,16 +333,36 @@ class Run:
                 "test_accuracy": recs[-1]["test_accuracy"] if recs else None}
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_json(path: str) -> Any:
+    """The JSON value in `path`; ValueError naming the file if it is not valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                         f"{e.colno}); it was damaged or edited") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text: {e.reason})") from None
+
+
+def read_jsonl(path: str, *, complete: bool = False) -> list[dict]:
+    """The records of a JSON-lines file ([] if it does not exist). The last line of a file still
+    being written (`complete` False) may be cut short by an interrupted write: it is dropped.
+    Any other invalid line, and a cut line in a finished file, is a ValueError naming the file."""
     if not os.path.exists(path):
         return []
+    with open(path, "rb") as f:
+        lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
     out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by an interrupted write: everything before it is valid
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if i == len(lines) - 1 and not complete:
+                break  # cut short by an interrupted write: everything before it is valid
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise ValueError(f"{path}: record {i + 1} of {len(lines)} is not valid JSON "
+                             f"({msg}); the file was cut short or damaged") from None
     return out
 
 

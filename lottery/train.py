@@ -41,6 +41,16 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
 
 
+class DivergenceError(ValueError):
+    """Training produced a non-finite loss or non-finite weights; the message is one line naming
+    the step (and the replica) and the likely cause. `step` and `replica` (None without
+    replicas) say where."""
+
+    def __init__(self, message: str, step: int, replica: int | None = None):
+        super().__init__(message)
+        self.step, self.replica = step, replica
+
+
 class TrainState(flax.struct.PyTreeNode):
     """Everything that determines the rest of a run: step, weights, BN stats, optimizer, PRNG key."""
 
@@ -150,6 +160,7 @@ class Trainer(NamedTuple):
     augment: str = "none"
     loop: str = "auto"  # 'scan' (whole epoch on device), 'steps' (one jitted step per iteration)
     mesh: Any = None  # jax.sharding.Mesh | None
+    sampling: str = "epochs"  # 'epochs' (a permutation per epoch) | 'random' (see epoch_order)
 
     def steps_per_epoch(self, n: int) -> int:
         if self.batch_size > n:
@@ -192,11 +203,24 @@ def train_step(trainer: Trainer, state: TrainState, mask: PyTree, x, y):
                          opt_state=opt_state), loss
 
 
-def epoch_order(key, epoch, n: int, batch_size: int):
-    """(steps_per_epoch, batch_size) example indices of `epoch`: a permutation from fold_in(key, e)."""
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.wrap_key_data(key), epoch), n)
+SAMPLINGS = ("epochs", "random")
+
+
+def epoch_order(key, epoch, n: int, batch_size: int, sampling: str = "epochs"):
+    """(steps_per_epoch, batch_size) example indices of `epoch`, drawn from fold_in(key, epoch).
+
+    'epochs': a permutation per epoch (every example once, the usual data loader). 'random': every
+    step's batch drawn independently and uniformly with replacement, as the MNIST-1D reference
+    code samples `randint(0, n, batch_size)` per step (an "epoch" is then just n // batch_size
+    steps).
+    """
+    k = jax.random.fold_in(jax.random.wrap_key_data(key), epoch)
     spe = n // batch_size
-    return perm[: spe * batch_size].reshape(spe, batch_size)
+    if sampling == "random":
+        return jax.random.randint(k, (spe, batch_size), 0, n)
+    if sampling != "epochs":
+        raise ValueError(f"sampling={sampling!r}: expected one of {SAMPLINGS}")
+    return jax.random.permutation(k, n)[: spe * batch_size].reshape(spe, batch_size)
 
 
 def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, stop):
@@ -207,7 +231,7 @@ def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, st
     """
     n = x.shape[0]
     spe = n // trainer.batch_size
-    order = epoch_order(state.key, state.step // spe, n, trainer.batch_size)
+    order = epoch_order(state.key, state.step // spe, n, trainer.batch_size, trainer.sampling)
 
     def body(carry, i):
         state, total = carry
@@ -291,6 +315,42 @@ def evaluate(trainer: Trainer, state: TrainState, mask: PyTree, x, y, *, batch_s
     return {"test_loss": np.asarray(loss) / n, "test_accuracy": np.asarray(correct) / n}
 
 
+def all_finite(params: PyTree, replicas: bool = False) -> np.ndarray:
+    """True where every floating-point leaf of `params` is finite: a bool scalar, or (K,) per
+    replica. One reduction on device."""
+    return np.asarray(_all_finite(params, replicas))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _all_finite(params: PyTree, replicas: bool) -> jax.Array:
+    axes = lambda x: tuple(range(1, x.ndim)) if replicas else None  # noqa: E731
+    flags = [jnp.all(jnp.isfinite(x), axis=axes(x)) for x in jax.tree.leaves(params)
+             if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not flags:
+        return jnp.ones(jax.tree.leaves(params)[0].shape[:1] if replicas else (), bool)
+    return functools.reduce(jnp.logical_and, flags)
+
+
+def _check_finite(record: dict, params: PyTree | None, pos: int, replicas: bool) -> None:
+    """Raise DivergenceError if the record's training loss, or (when given) a param, is not
+    finite. The loss is already on the host; `params` costs one reduction on device."""
+    step = record["step"]
+    loss = np.asarray(record["train_loss"]).reshape(-1)
+    bad = ~np.isfinite(loss)
+    what = f"the training loss of steps {pos + 1}-{step} is {loss[np.argmax(bad)]}"
+    if not bad.any() and params is not None:
+        bad = ~all_finite(params, replicas).reshape(-1)
+        what = "a weight is not finite"
+    if not bad.any():
+        return
+    replica = int(np.argmax(bad)) if replicas else None
+    where = f" (replica {replica}{f' and {int(bad.sum()) - 1} more' if bad.sum() > 1 else ''})" \
+        if replicas else ""
+    raise DivergenceError(
+        f"training diverged by step {step}{where}: {what}; likely cause: the learning rate is "
+        f"too high (or the data hold NaN/inf values)", step, replica)
+
+
 def boundaries(start: int, end: int, spe: int, eval_every: int, stops: Sequence[int] = ()):
     """Sorted steps in (start, end] where training pauses: epoch ends, eval points, stops, end."""
     points = {end}
@@ -304,7 +364,7 @@ def boundaries(start: int, end: int, spe: int, eval_every: int, stops: Sequence[
 def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps: int,
           eval_every: int | None = None, stops: Sequence[int] = (),
           callback: Callable[[TrainState, dict], None] | None = None, replicas: bool = False,
-          progress: bool | str = True) -> tuple[TrainState, list[dict]]:
+          progress: bool | str = True, check_finite: bool = True) -> tuple[TrainState, list[dict]]:
     """Train from `state.step` to `num_steps` under `mask`; returns (state, history).
 
     `data` has x_train, y_train, x_test, y_test (lottery.data.Dataset). The test split is
@@ -316,6 +376,11 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
 
     With `trainer.mesh`, state and mask are replicated on its devices, every batch is split over
     them (each process transfers only its rows) and the returned state is replicated.
+
+    `check_finite` (default): at each pause, a non-finite training loss (of any replica), and at
+    eval points a non-finite weight, raises `DivergenceError` (a ValueError) before evaluating
+    or calling `callback`, so a diverged state is never saved or pruned from. Cheap: the loss is
+    fetched anyway, the weights take one reduction on device at eval points.
     """
     n = int(data.x_train.shape[0])
     spe = trainer.steps_per_epoch(n)
@@ -349,16 +414,23 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         else:
             total = 0.0
             key = state.key
-            order = np.asarray(jax.vmap(epoch_order, (0, None, None, None))(
-                key, pos // spe, n, trainer.batch_size) if replicas
-                else epoch_order(key, pos // spe, n, trainer.batch_size))
+            draw = functools.partial(epoch_order, epoch=pos // spe, n=n,
+                                     batch_size=trainer.batch_size, sampling=trainer.sampling)
+            order = np.asarray(jax.vmap(draw)(key) if replicas else draw(key))
             for i in range(a, b):
                 idx = order[:, i] if replicas else order[i]
                 xb, yb = _host_batch(data, idx, mesh, rows)
                 state, loss = step_fn(state, mask, xb, yb)
                 total = total + loss
         record = {"step": stop, "train_loss": np.asarray(total) / (stop - pos)}
-        if stop % eval_every == 0 or stop == num_steps:
+        is_eval = stop % eval_every == 0 or stop == num_steps
+        if check_finite:
+            try:
+                _check_finite(record, state.params if is_eval else None, pos, replicas)
+            except DivergenceError:
+                bar.close()
+                raise
+        if is_eval:
             record.update(evaluate(trainer, state, mask, data.x_test, data.y_test,
                                    replicas=replicas))
         history.append(record)

@@ -104,7 +104,8 @@ def test_compact_export_of_a_structured_mask(run, tmp_path):
     with open(os.path.join(out, "model.json")) as f:
         meta = json.load(f)
     assert meta["architecture"] == {"class": "LeNet300100",
-                                    "fields": {"hidden": [75, 25], "num_classes": 10}}
+                                    "fields": {"bias_init": "torch", "hidden": [75, 25],
+                                               "num_classes": 10}}
     assert meta["stored_params"] == models.flat_param_count(loaded) < meta["source_params"]
 
 

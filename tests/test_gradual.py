@@ -304,3 +304,23 @@ def test_inspect_and_plot_work_on_agp_and_oneshot_runs(agp_run, oneshot_run, tmp
         figs = tmp_path / os.path.basename(run_dir)
         assert cli.main(["plot", run_dir, "--out", str(figs)]) == 0
         assert (figs / "accuracy_vs_density.png").stat().st_size > 10_000
+
+
+def test_count_rule_reaches_the_oneshot_mask_and_agp_refuses_reference_rules():
+    """oneshot with count_rule='synflow' prunes int((1 - d) * N) weights and every weight tied
+    with the last of them; AGP has no reference rule to follow."""
+    from lottery import gradual, masks
+
+    params = {"a": {"kernel": np.array([[1.0, 2.0], [2.0, 2.0]], np.float32)},
+              "out": {"kernel": np.ones((2, 2), np.float32)}}
+    rates = masks.prunable(params, exclude=["out"])
+    mask = masks.init(params)
+    # d = 0.5 of N = 4: synflow prunes int(0.5 * 4) = 2 -> threshold 2.0, all three 2s go too
+    got = gradual.oneshot_mask(params, mask, None, density=0.5, rates=rates, count_rule="synflow")
+    assert np.asarray(got["a"]["kernel"]).sum() == 0
+    exact = gradual.oneshot_mask(params, mask, None, density=0.5, rates=rates)
+    assert np.asarray(exact["a"]["kernel"]).sum() == 2  # round-half-up(0.5 * 4), index ties
+    cfg = gradual.base_config("agp")
+    cfg.count_rule = "openlth"
+    with pytest.raises(ValueError, match="count_rule='openlth'.*expected 'exact'"):
+        gradual.validate(cfg)

@@ -155,7 +155,7 @@ def test_config_hash_is_pinned():
     assert config.run_hash(cfg) != PINNED_BASE_HASH
 
 
-PINNED_BASE_HASH = "5d108e3545"
+PINNED_BASE_HASH = "0f5dbf1df0"  # was 5d108e3545 before bias_init="torch" (OpenLTH init)
 
 
 def _cli(args, cwd=None):
@@ -278,3 +278,18 @@ def test_random_prune_control_starts_at_rewind_values_outside_the_ticket(run):
                 if p.ndim == 2:
                     assert not np.any(p[k] == w0[k])
     assert outside > 1000  # at density 0.64 most randomly kept weights lie outside the ticket
+
+
+def test_count_rule_openlth_counts_ignored_layers(tiny_config, tmp_path):
+    """count_rule='openlth': level 1 prunes ceil(0.2 * remaining) + 1 weights, `remaining`
+    counting the excluded output layer too (OpenLTH's pruning_layers_to_ignore)."""
+    cfg = config.load(tiny_config, ["levels=1", "training_steps=20it", "eval_every=20it",
+                                    "count_rule=openlth"])
+    run_dir = imp.find_ticket(cfg, str(tmp_path))
+    s = imp.Setup(cfg)
+    mask = load_mask(run_dir, 1, masks.init(s.variables["params"]))
+    remaining = 784 * 300 + 300 * 100 + 100 * 10  # fc1, fc2 and the ignored `out`
+    pruned = -(-2 * remaining // 10) + 1  # ceil(0.2 * 266,200) + 1 = 53,241 (no ties in floats)
+    kept = sum(k for k, _ in masks.counts(mask, s.rates).values())
+    assert kept == 784 * 300 + 300 * 100 - pruned
+    assert np.all(np.asarray(mask["out"]["kernel"]))

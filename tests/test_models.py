@@ -148,15 +148,61 @@ def test_lenet_forward_matches_numpy(lenet):
     np.testing.assert_allclose(model.apply(v, x), want, rtol=1e-4, atol=1e-4)
 
 
-def test_kaiming_normal_untruncated_and_zero_bias(lenet):
+def test_kaiming_normal_untruncated_and_openlth_bias(lenet):
     _, v = lenet
     w = np.asarray(v["params"]["fc1"]["kernel"])  # 235,200 draws of N(0, 2/784)
     sigma = np.sqrt(2 / 784)
     assert abs(w.std() / sigma - 1) < 0.01
     # An untruncated normal puts 4.55% beyond 2 sigma (a 2-sigma truncated one puts none).
     assert abs(np.mean(np.abs(w) > 2 * sigma) - 0.0455) < 0.003
+    # OpenLTH sets only the weights: biases keep PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    for layer, fan_in in (("fc1", 784), ("fc2", 300), ("out", 100)):
+        bias = np.asarray(v["params"][layer]["bias"])
+        bound = 1 / np.sqrt(fan_in)
+        assert np.all(np.abs(bias) <= bound) and np.abs(bias).max() > 0.8 * bound
+        assert abs(bias.std() / (bound / np.sqrt(3)) - 1) < 0.35  # uniform: std = bound/sqrt(3)
+    zero = M.init(M.create("lenet300_100", bias_init="zeros"), jax.random.key(0), MNIST)
     for layer in ("fc1", "fc2", "out"):
-        assert not np.any(np.asarray(v["params"][layer]["bias"]))
+        assert not np.any(np.asarray(zero["params"][layer]["bias"]))
+
+
+@pytest.mark.parametrize("name, layer, fan_in, default", [
+    ("vgg11", "conv2", 9 * 64, "torch"), ("vgg11", "out", 512, "torch"),
+    ("resnet20", "out", 64, "torch"), ("conv2", "conv2", 9 * 64, "zeros"),
+    ("conv2", "fc1", 16 * 16 * 64, "zeros")])
+def test_bias_init_per_model(name, layer, fan_in, default):
+    """Each model's default bias init, and the other one on request, with the layer's fan_in."""
+    shapes = jax.eval_shape(lambda: M.init(M.create(name), jax.random.key(0), CIFAR))
+    assert shapes["params"][layer]["bias"].shape  # the layer has a bias
+    other = "zeros" if default == "torch" else "torch"
+    for kind in (default, other):
+        model = M.create(name) if kind == default else M.create(name, bias_init=kind)
+        bias = np.asarray(M.init(model, jax.random.key(1), CIFAR)["params"][layer]["bias"])
+        if kind == "zeros":
+            assert not np.any(bias)
+        else:
+            bound = 1 / np.sqrt(fan_in)
+            assert np.all(np.abs(bias) <= bound) and np.abs(bias).max() > 0.5 * bound
+
+
+def test_config_reaches_model_options():
+    from lottery import config
+
+    cfg = config.base()
+    assert config.model(cfg, 10).bias_init == "torch"
+    cfg.bias_init, cfg.bn_init, cfg.model = "zeros", "ones", "vgg11"
+    m = config.model(cfg, 10)
+    assert (m.bias_init, m.bn_init) == ("zeros", "ones")
+    cfg.model = "mlp_mnist1d"  # no such fields: its reference init stays
+    assert config.model(cfg, 10).torch_init
+    saved = config.base().to_dict()
+    del saved["bias_init"], saved["bn_init"]  # a run made before these fields existed
+    old = config.from_saved(saved)
+    assert (old.bias_init, old.bn_init) == ("zeros", "uniform")  # what older code did
+    assert "bias_init" not in config.hashed_fields(old)  # legacy value: same directory name
+    with pytest.raises(ValueError, match="bias_init='ones': expected one of torch, zeros"):
+        cfg.bias_init = "ones"
+        config.validate(cfg)
 
 
 def test_conv2_glorot_normal():

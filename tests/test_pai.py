@@ -2,17 +2,21 @@
 
 import argparse
 import json
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from lottery import checkpoints, config, imp, masks, models, pai
+from lottery import checkpoints, config, imp, masks, models, pai, prune, scorers
+from lottery import train as train_lib
 
 TINY = '''
 from lottery.pai import base_config
@@ -46,11 +50,45 @@ def tiny_config(tmp_path_factory):
     return str(path)
 
 
+@contextlib.contextmanager
+def _recording_starts(calls):
+    """Wrap `train.train` to append (params, mask) of every state training starts from."""
+    real = train_lib.train
+
+    def spy(trainer, state, mask, *args, **kwargs):
+        calls.append((jax.tree.map(np.array, state.params), jax.tree.map(np.array, mask)))
+        return real(trainer, state, mask, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_lib, "train", spy)
+        yield
+
+
+_BASE_STARTS = []  # (params, mask) of every training the `run` sweep started
+
+
 @pytest.fixture(scope="module")
 def run(tiny_config, tmp_path_factory):
     """An uninterrupted 3 scorers x 3 compressions x 2 seeds sweep."""
     cfg = config.load(tiny_config)
-    return cfg, pai.sweep(cfg, str(tmp_path_factory.mktemp("runs")))
+    with _recording_starts(_BASE_STARTS):
+        return cfg, pai.sweep(cfg, str(tmp_path_factory.mktemp("runs")))
+
+
+@pytest.fixture(scope="module")
+def ablated(run, tiny_config, tmp_path_factory):
+    """A copy of the `run` sweep extended with every ablation at compression 10.
+
+    Returns (config, run dir, {file: mtime} of the copy before extending, the recorded starts)."""
+    _, ref_dir = run
+    work = tmp_path_factory.mktemp("ablated")
+    shutil.copytree(ref_dir, work / os.path.basename(ref_dir))
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    cfg = config.load(tiny_config, ["ablations=invert, shuffle,reinit", "compressions=10"])
+    starts = []
+    with _recording_starts(starts):
+        run_dir = pai.sweep(cfg, str(work))
+    return cfg, run_dir, before, starts
 
 
 _MODEL = models.create("mlp_mnist1d")
@@ -60,6 +98,11 @@ _INIT = jax.jit(lambda k: _MODEL.init(k, jax.numpy.zeros((1, 40, 1)), train=Fals
 
 def _seed_params(seed):
     return _INIT(jax.random.fold_in(jax.random.key(seed), 0))
+
+
+def _reinit_params(seed):
+    """The `reinit` ablation's draw: a fresh init with fold_in(key(seed), 4)."""
+    return _INIT(jax.random.fold_in(jax.random.key(seed), 4))
 
 
 def _mask(run_dir, scorer, point, seed, like):
@@ -286,3 +329,222 @@ def test_lottery_plot_draws_sweeps(run, tmp_path):
     assert cli.main(["plot", run_dir, "--out", str(tmp_path / "figs")]) == 0
     (png,) = (tmp_path / "figs").glob("accuracy_vs_compression_*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Sanity checks of Frankle et al. 2021: shuffle, reinit, invert.
+
+ABLATIONS = ("shuffle", "reinit", "invert")
+KERNELS = ("fc1", "fc2", "out")
+
+
+def _flat_kernels(tree):
+    return np.concatenate([np.asarray(tree[k]["kernel"]).ravel() for k in KERNELS])
+
+
+def test_ablations_extend_the_same_run_and_leave_finished_cells_alone(run, ablated,
+                                                                       tmp_path):
+    base_cfg, ref_dir = run
+    cfg, run_dir, before, _ = ablated
+    assert os.path.basename(run_dir) == os.path.basename(ref_dir)
+    old = pai.normalize(base_cfg).to_dict()
+    del old["ablations"]  # the config as it was before the field existed
+    before_field = config.run_hash(ml_collections.ConfigDict(old))
+    assert config.run_hash(pai.normalize(cfg)) == before_field == \
+        config.run_hash(pai.normalize(base_cfg))
+    assert pai.normalize(cfg).ablations == "shuffle,reinit,invert"
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # finished cells untouched
+    for scorer in SCORERS:
+        for ab in ABLATIONS:
+            assert imp.is_done(os.path.join(run_dir, f"{scorer}+{ab}", "c10"))
+            assert not os.path.exists(os.path.join(run_dir, f"{scorer}+{ab}", "c1"))
+            rec = json.load(open(os.path.join(run_dir, f"{scorer}+{ab}", "c10", "collapse.json")))
+            assert (rec["scorer"], rec["ablation"]) == (scorer, ab)
+            assert rec["init_stream"] == (4 if ab == "reinit" else 0)
+            assert rec["rounds"] == (4 if scorer == "synflow" else 1)
+    rows = pai.summary(run_dir)
+    assert [(r["label"], r["compression"]) for r in rows] == [
+        (lab, c) for s in SCORERS
+        for lab, cs in [(s, (1.0, 10.0, 10000.0))] + [(f"{s}+{a}", (10.0,)) for a in ABLATIONS]
+        for c in cs]
+    assert all(r["ablation"] == (r["label"].split("+") + [""])[1] for r in rows)
+    table = pai.format_table(rows)
+    assert "\nsynflow+shuffle " in table and table.count("\n") == len(rows)
+    marked = pai.plot(run_dir, str(tmp_path / "p.png"))
+    assert sorted(marked) == sorted((r["label"], r["compression"]) for r in rows
+                                    if r["collapsed_seeds"])
+    # magnitude empties a layer at c10; shuffle and reinit keep its layer counts, so they do too
+    assert {("magnitude", 10.0), ("magnitude+shuffle", 10.0), ("magnitude+reinit", 10.0)} <= \
+        set(marked)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shuffle_mask_permutes_each_layer_with_its_own_key():
+    m = np.zeros((40, 50), bool)
+    m[:5] = True  # 250 kept entries, all in the first rows
+    tree = {"a": {"bias": np.ones(50, bool), "kernel": m}, "b": {"kernel": m.copy()}}
+    s0 = pai.shuffle_mask(tree, pai.shuffle_key(0))
+    s1 = pai.shuffle_mask(tree, pai.shuffle_key(1))
+    for sh in (s0, s1):
+        assert sh["a"]["bias"].all()  # not prunable: untouched
+        for k in ("a", "b"):
+            assert sh[k]["kernel"].sum() == 250 and sh[k]["kernel"][5:].any()
+        assert not np.array_equal(sh["a"]["kernel"], sh["b"]["kernel"])  # same shape, own key
+    assert not np.array_equal(s0["a"]["kernel"], s1["a"]["kernel"])  # seeds differ
+    assert not np.array_equal(s0["b"]["kernel"], s1["b"]["kernel"])
+    again = pai.shuffle_mask(tree, pai.shuffle_key(0))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(s0), jax.tree.leaves(again)))
+
+
+def test_shuffle_cells_keep_layer_counts_at_new_positions(ablated):
+    _, run_dir, _, _ = ablated
+    for seed in (0, 1):
+        like = masks.init(_seed_params(seed))
+        for scorer in SCORERS:
+            base = _mask(run_dir, scorer, "c10", seed, like)
+            sh = _mask(run_dir, f"{scorer}+shuffle", "c10", seed, like)
+            assert masks.counts(sh) == masks.counts(base)
+            assert all(np.all(np.asarray(sh[k]["bias"])) for k in KERNELS)
+            for path, j in masks.jaccard(sh, base).items():
+                kept, total = masks.counts(base)[path]
+                if 0 < kept < total:
+                    assert j < 0.5, (scorer, seed, path, j)  # random positions, not the scorer's
+            want = pai.shuffle_mask(base, pai.shuffle_key(seed))
+            assert all(np.array_equal(x, y)
+                       for x, y in zip(jax.tree.leaves(sh), jax.tree.leaves(want)))
+    a = _mask(run_dir, "magnitude+shuffle", "c10", 0, like)
+    b = _mask(run_dir, "magnitude+shuffle", "c10", 1, like)
+    assert min(masks.jaccard(a, b).values()) < 0.5
+
+
+def test_reinit_cells_keep_the_mask_and_draw_a_new_init(ablated):
+    _, run_dir, _, _ = ablated
+    for seed in (0, 1):
+        like = masks.init(_seed_params(seed))
+        for scorer in SCORERS:
+            a = _mask(run_dir, scorer, "c10", seed, like)
+            b = _mask(run_dir, f"{scorer}+reinit", "c10", seed, like)
+            assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                            jax.tree.leaves(b)))
+        fresh, orig = _flat_kernels(_reinit_params(seed)), _flat_kernels(_seed_params(seed))
+        assert np.mean(fresh == orig) < 1e-3 and np.std(fresh) == pytest.approx(np.std(orig),
+                                                                                 rel=0.05)
+
+
+def test_invert_magnitude_keeps_the_smallest_weights(ablated):
+    _, run_dir, _, _ = ablated
+    kept = int(np.floor(PRUNABLE / 10 + 0.5))  # round-half-up(N / compression): 1500
+    for seed in (0, 1):
+        params = _seed_params(seed)
+        flat = np.abs(_flat_kernels(params))
+        want = np.zeros(PRUNABLE, bool)
+        want[np.argsort(flat, kind="stable")[:kept]] = True  # smallest |w|; ties: lower index
+        m = _mask(run_dir, "magnitude+invert", "c10", seed, masks.init(params))
+        np.testing.assert_array_equal(_flat_kernels(m), want)
+        assert flat[want].max() <= flat[~want].min()
+        info = json.load(open(os.path.join(run_dir, "magnitude+invert", "c10", f"s{seed}",
+                                           "info.json")))
+        assert (info["kept"], info["total"]) == (kept, PRUNABLE)
+
+
+def _negated(fn):
+    return lambda p, m, i: jax.tree.map(lambda x: -x, fn(p, m, i))
+
+
+# One function object each, so prune.iterative compiles once for both seeds.
+_NEG_SNIP, _NEG_SYNFLOW = jax.jit(_negated(scorers.snip)), _negated(scorers.synflow)
+
+
+def test_invert_snip_and_synflow_prune_the_negated_scores_by_their_own_procedure(ablated):
+    from lottery import data as data_lib
+
+    cfg, run_dir, _, _ = ablated
+    d = data_lib.load("mnist1d")
+    for seed in (0, 1):
+        params = _seed_params(seed)
+        inputs = scorers.Inputs.create(models.inference_fn(_MODEL, {"params": params}),
+                                       pai.prune_batches(cfg, d, seed), input_shape=(1, 40, 1))
+        dense = masks.init(params)
+        snip_inv = prune.to_density(_NEG_SNIP(params, dense, inputs), dense, 0.1)
+        syn_inv = prune.iterative(_NEG_SYNFLOW, params, dense, inputs, 0.1, rounds=4,
+                                  schedule="exponential")
+        syn_inv_1 = prune.iterative(_NEG_SYNFLOW, params, dense, inputs, 0.1, rounds=1)
+        for label, want in (("snip+invert", snip_inv), ("synflow+invert", syn_inv)):
+            got = _mask(run_dir, label, "c10", seed, dense)
+            np.testing.assert_array_equal(_flat_kernels(got), _flat_kernels(want))
+            base = _mask(run_dir, label.split("+")[0], "c10", seed, dense)
+            assert masks.counts(got) != masks.counts(base) or \
+                min(masks.jaccard(got, base).values()) < 0.5
+        assert not np.array_equal(_flat_kernels(syn_inv), _flat_kernels(syn_inv_1))  # 4 rounds
+
+
+def _check_starts(run_dir, starts, cells):
+    """Every recorded training start is the init of its cell, unmasked values under the cell's
+    own mask, and every trained (not reused) cell of `cells` [(label, point)] has one."""
+    inits = {(sd, stream): jax.tree.map(np.asarray, _INIT(jax.random.fold_in(
+        jax.random.key(sd), stream))) for sd in (0, 1) for stream in (0, 4)}
+    like = masks.init(inits[(0, 0)])
+    unmatched = list(range(len(starts)))
+    trained = 0
+    for label, point in cells:
+        rec = json.load(open(os.path.join(run_dir, label, point, "collapse.json")))
+        if rec["reused_from"] is not None:
+            continue
+        trained += 1
+        stream = 4 if label.endswith("+reinit") else 0
+        ms = [_mask(run_dir, label, point, sd, like) for sd in (0, 1)]
+        want = jax.tree.map(lambda *xs: np.stack(xs), *[
+            jax.tree.map(lambda p, m: np.where(m, p, 0.0), inits[(sd, stream)], m)
+            for sd, m in zip((0, 1), ms)])
+        hits = [i for i in unmatched
+                if all(np.array_equal(x, np.stack([y, z])) for x, y, z in zip(
+                    jax.tree.leaves(starts[i][1]), jax.tree.leaves(ms[0]),
+                    jax.tree.leaves(ms[1])))
+                and all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(starts[i][0]),
+                                                             jax.tree.leaves(want)))]
+        assert hits, f"{label} {point}: no training started from its init under its mask"
+        unmatched.remove(hits[0])
+        params, mask = starts[hits[0]]
+        for k in KERNELS:  # the kept weights are the init's values, never a zeroed product
+            kept = np.asarray(params[k]["kernel"])[np.asarray(mask[k]["kernel"])]
+            assert np.all(kept != 0)
+    assert not unmatched and trained == len(starts)
+
+
+def test_every_cell_starts_from_its_init_under_its_own_mask(run, ablated):
+    _, ref_dir = run
+    _, run_dir, _, starts = ablated
+    _check_starts(ref_dir, _BASE_STARTS, [(s, p) for s in SCORERS for p in POINTS])
+    _check_starts(run_dir, starts, [(f"{s}+{a}", "c10") for s in SCORERS for a in ABLATIONS])
+    assert len(_BASE_STARTS) == 7  # c1 once (shared), c10 and c10000 per scorer
+    assert len(starts) == 9
+
+
+def test_bad_ablation_is_one_line_before_any_work(tiny_config, tmp_path):
+    for flags, message in ((["--ablations", "shuffle,flip"], "unknown ablation 'flip'"),
+                           (["--ablations", "invert,invert"], "'invert' is given twice")):
+        workdir = tmp_path / "never"
+        _, args = _parse(["--config", tiny_config, "--workdir", str(workdir), *flags])
+        with pytest.raises(ValueError) as e:
+            pai.run(args, [])
+        assert message in str(e.value) and "\n" not in str(e.value)
+        assert not workdir.exists()
+    _, args = _parse(["--config", tiny_config, "--ablations", "reinit"])
+    assert pai.normalize(pai.config_from_args(args)).ablations == "reinit"
+    assert pai.cells(pai.normalize(pai.config_from_args(args, ["scorers=random,snip"]))) == [
+        ("random", None), ("snip", None), ("snip", "reinit")]
+
+
+def test_prune_at_init_follows_the_synflow_count_rule():
+    """count_rule='synflow': prune int((1 - d) * N) weights and every weight tied with the last
+    of them (the reference's kthvalue threshold); the default rule keeps round(d * N)."""
+    from lottery import masks as masks_lib, pai as pai_lib
+
+    params = {"fc": {"kernel": np.array([[3.0, 1.0], [1.0, 1.0], [2.0, 1.0]], np.float32)}}
+    rates = masks_lib.prunable(params)
+    # d = 0.5, N = 6: synflow prunes int(3.0) = 3, threshold 1.0 -> all four 1s pruned
+    got = pai_lib.prune_at_init("magnitude", params, None, 0.5, rates=rates, count_rule="synflow")
+    assert np.asarray(got["fc"]["kernel"]).tolist() == [[True, False], [False, False],
+                                                         [True, False]]
+    exact = pai_lib.prune_at_init("magnitude", params, None, 0.5, rates=rates)
+    assert np.asarray(exact["fc"]["kernel"]).sum() == 3

@@ -100,6 +100,31 @@ def test_data_order_is_a_permutation_per_epoch(setup):
     np.testing.assert_array_equal(o0, np.asarray(T.epoch_order(key, 0, 100, 32)))
 
 
+def test_random_sampling_draws_independent_batches_in_both_loops(setup):
+    """sampling='random' (the MNIST-1D reference's order): indices uniform with replacement,
+    reproducible from the key, and the scan and per-step loops train on the same batches."""
+    key = jax.random.key_data(jax.random.key(0))
+    o0 = np.asarray(T.epoch_order(key, 0, 100, 32, "random"))
+    assert o0.shape == (3, 32) and o0.min() >= 0 and o0.max() < 100
+    assert len(set(o0.ravel())) < 96  # 96 draws from 100 with replacement repeat (P > 0.9999)
+    np.testing.assert_array_equal(o0, np.asarray(T.epoch_order(key, 0, 100, 32, "random")))
+    assert not np.array_equal(o0, np.asarray(T.epoch_order(key, 1, 100, 32, "random")))
+    with pytest.raises(ValueError, match="sampling='batches': expected one of"):
+        T.epoch_order(key, 0, 100, 32, "batches")
+    data, model, variables, mask = setup
+    tx = T.optimizer("sgd", 0.05)
+    state = T.init_state(variables, tx, jax.random.key(4), mask)
+    out = {(loop, sampling): T.train(T.Trainer(model, tx, 32, loop=loop, sampling=sampling),
+                                     state, mask, data, num_steps=12, progress=False)[0]
+           for loop, sampling in (("scan", "random"), ("steps", "random"), ("scan", "epochs"))}
+    out = {"scan": out["scan", "random"], "steps": out["steps", "random"],
+           "epochs": out["scan", "epochs"]}
+    for a, b in zip(jax.tree.leaves(out["scan"].params), jax.tree.leaves(out["steps"].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(out["scan"].params["out"]["kernel"],
+                           out["epochs"].params["out"]["kernel"])
+
+
 def test_resume_mid_epoch_is_bit_identical(setup):
     data, model, variables, mask = setup
     tx = T.optimizer("sgd", 0.05, momentum=0.9, weight_decay=1e-4)

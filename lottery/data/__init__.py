@@ -130,6 +130,26 @@ def _how_to_prepare(name: str, root: str) -> str:
     )
 
 
+def _check_data_dir(root: str, name: str, *, writable: bool) -> None:
+    """ValueError naming the data dir if it is not a directory, or if `name` is not there yet and
+    must be prepared (`writable`) but the dir cannot be created or written. Checked before TFDS
+    looks at it, so the error is one line."""
+    where = f"(the data_dir argument, --config.data_dir or ${ENV_VAR})"
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"data dir {root!r} is not a directory {where}")
+    if not writable or os.path.isdir(os.path.join(root, name)):
+        return  # prepared (or being prepared) there: reading needs no write access
+    probe = os.path.join(root, f".lottery_write_test_{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"data dir {root!r} cannot be created or written ({e.strerror}), and "
+                         f"dataset {name!r} must be prepared there {where}") from None
+
+
 def _download_and_prepare(b) -> None:
     import tensorflow_datasets as tfds
 
@@ -148,11 +168,17 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
     Offline datasets are generated if missing. Real ones raise `DatasetNotFoundError` if missing,
     unless `download=True` (TFDS then downloads, which needs network and TensorFlow).
     """
-    b = builder(name, data_dir=data_dir)
+    _spec(name)
     root = resolve_data_dir(data_dir)
+    _check_data_dir(root, name, writable=name in OFFLINE_DATASETS or download)
+    b = builder(name, data_dir=data_dir)
     if not b.is_prepared():
         if name in OFFLINE_DATASETS or download:
-            _download_and_prepare(b)
+            try:
+                _download_and_prepare(b)
+            except OSError as e:
+                raise ValueError(f"data dir {root!r}: cannot prepare dataset {name!r} there "
+                                 f"({e.strerror or e}: {e.filename})") from None
         else:
             raise DatasetNotFoundError(
                 f"Dataset {name!r} is not prepared in data dir {root!r} (no "
