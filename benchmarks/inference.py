@@ -9,6 +9,12 @@ compacted model (`lottery.compact`). For Conv-2 (32x32x3), the structured mask a
 layer's inputs, which the mask did not zero). Measured speedup = dense time / variant time, medians
 of interleaved repeats in one process, jitted, on whatever devices jax sees (CPU here).
 
+ResNet-20 (32x32x3): a channel-group mask (`lottery.groups`: every group, the three residual
+stage groups included, keeps `density` of its channels by the L1 norm of its filters, layerwise;
+expanded to filters, batch norms and the readers' rows) run dense-masked and as the compacted
+`SlimResNet`. Its 'density' column is the fraction of CHANNELS kept; 'units kept' lists the three
+stage widths.
+
 Run `python benchmarks/inference.py [--quick]`. Absolute times drift on shared machines: read
 ratios.
 """
@@ -22,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottery import compact, masks, metrics, models, prune, scorers, sparse
+from lottery import compact, groups, masks, metrics, models, prune, scorers, sparse
 
 
 def per_call(fn, n: int) -> float:
@@ -100,10 +106,38 @@ def bench_model(name, model, input_shape, densities, batches, repeats, unstructu
     return rows
 
 
+def bench_resnet(name, model, input_shape, densities, batches, repeats):
+    """Rows for a ResNet: channel-group masks at each density, dense vs compacted."""
+    variables = models.init(model, jax.random.key(0), input_shape)
+    params = variables["params"]
+    x1 = jnp.zeros((1, *input_shape))
+    g = groups.derive(model, variables, x1, train=False)
+    apply = jax.jit(models.inference_fn(model, variables))
+    base_macs = dense_macs(model, variables, x1)
+    rows = []
+    for d in densities:
+        mask, _ = groups.prune(g, groups.l1, params, masks.init(params), d, scope="layerwise")
+        theory = metrics.theoretical_speedup(model, variables, x1, mask, train=False)
+        c = compact.compact(model, variables, mask)
+        c_apply = jax.jit(models.inference_fn(c.model, c.variables))
+        c_macs = base_macs / dense_macs(c.model, c.variables, x1)
+        for b in batches:
+            x = jax.random.normal(jax.random.key(b), (b, *input_shape))
+            t = interleaved({"dense": lambda: apply(params, x),
+                             "compact": lambda: c_apply(c.variables["params"], x)}, repeats)
+            rows.append([name, f"{d:g} (channels)", str(b), f"{t['dense'] * 1e6:,.0f}", "-", "-",
+                         f"{t['compact'] * 1e6:,.0f} ({t['dense'] / t['compact']:.2f}x)",
+                         "/".join(map(str, c.model.widths)), f"{theory:.2f}x", f"{c_macs:.2f}x"])
+            print(row_fmt(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer densities and repeats")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per cell")
+    ap.add_argument("--only", choices=("lenet", "conv2", "resnet20"), default=None,
+                    help="one model's rows only")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     repeats = args.repeats or (5 if args.quick else 15)
@@ -117,10 +151,16 @@ def main(argv=None) -> None:
     print(row_fmt(["model", "density", "batch", "dense", "BCOO", "theory (unstructured)",
                    "compact", "units kept", "theory (structured)", "compact MACs"]))
     print(row_fmt(["---"] * 10))
-    bench_model("LeNet-300-100", models.create("lenet300_100"), (28, 28, 1), lenet_d,
-                (1, 256), repeats)
-    bench_model("Conv-2", models.create("conv2"), (32, 32, 3), conv_d, (1, 16), repeats,
-                unstructured=False)
+    resnet_d = (0.5,) if args.quick else (0.75, 0.5, 0.25)
+    if args.only in (None, "lenet"):
+        bench_model("LeNet-300-100", models.create("lenet300_100"), (28, 28, 1), lenet_d,
+                    (1, 256), repeats)
+    if args.only in (None, "conv2"):
+        bench_model("Conv-2", models.create("conv2"), (32, 32, 3), conv_d, (1, 16), repeats,
+                    unstructured=False)
+    if args.only in (None, "resnet20"):
+        bench_resnet("ResNet-20", models.create("resnet20"), (32, 32, 3), resnet_d,
+                     (1, 16) if args.quick else (1, 16, 128), repeats)
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
 
 

@@ -9,11 +9,13 @@ remaining weights removed in one pruning step. Nothing takes percentages.
     print(lottery.masks.summary(mask))
 """
 
-from lottery import (checkpoints, compact, config, data, distributed, export, gradual, imp, masks,
-                     metrics, models, pai, prune, schedules, scorers, sparse, steps, train)
+from lottery import (checkpoints, compact, config, data, distributed, experiment, experiments,
+                     export, gradual, groups, imp, instability, masks, metrics, models, pai,
+                     prune, rundir, runs, schedules, scorers, sensitivity, sparse, steps, train)
 from lottery.scorers import Inputs
 
-__all__ = ["checkpoints", "compact", "config", "data", "distributed", "export", "gradual", "imp",
-           "masks", "metrics", "models", "pai", "prune", "schedules", "scorers", "sparse", "steps",
-           "train", "Inputs"]
+__all__ = ["checkpoints", "compact", "config", "data", "distributed", "experiment",
+           "experiments", "export", "gradual", "groups", "imp", "instability", "masks", "metrics",
+           "models", "pai", "prune", "rundir", "runs", "schedules", "scorers", "sensitivity",
+           "sparse", "steps", "train", "Inputs"]
 __version__ = "0.1.0"

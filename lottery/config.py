@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import traceback
 from typing import Any, Sequence
@@ -40,6 +41,7 @@ def base() -> ml_collections.ConfigDict:
     # data and model
     c.dataset = "mnist5k"
     c.data_dir = ""  # '' = $LOTTERY_DATA_DIR or TFDS's default
+    c.image_size = 0  # TFDS datasets of varying image size: resize + center crop to this (0: 224)
     c.model = "lenet300_100"
     c.bias_init = "torch"  # torch (PyTorch's default U(+-1/sqrt(fan_in)), OpenLTH) | zeros
     c.bn_init = "uniform"  # BN scales: uniform (U[0, 1), OpenLTH) | ones (PyTorch, flax default)
@@ -88,7 +90,8 @@ def base() -> ml_collections.ConfigDict:
 # Fields added after run directories existed, with the value that reproduces what older code did.
 # A saved config without them means that value, and at that value they are left out of the hash,
 # so the directories of older runs keep their names.
-LEGACY = {"bias_init": "zeros", "bn_init": "uniform", "sampling": "epochs", "count_rule": "exact"}
+LEGACY = {"bias_init": "zeros", "bn_init": "uniform", "sampling": "epochs", "count_rule": "exact",
+          "image_size": 0}
 # Config fields that are model options, passed to the models that have them (`model`).
 MODEL_OPTIONS = ("bias_init", "bn_init")
 
@@ -234,8 +237,13 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     """Raise ValueError naming the first bad field and its allowed values. Cheap: no data, no jax."""
     from lottery import data, models, prune, scorers, train  # noqa: PLC0415 - keep import light
 
-    _choice(cfg, "dataset", data.DATASETS)
-    _choice(cfg, "model", tuple(models.MODELS))
+    data_dir = cfg.get("data_dir") or None
+    data.check(cfg.dataset, data_dir=data_dir)
+    if cfg.model not in models.MODELS:  # a registered or imported model: build it, abstractly
+        image_size = cfg.get("image_size") or None
+        models.check(cfg.model, data.input_shape(cfg.dataset, data_dir=data_dir,
+                                                 image_size=image_size),
+                     data.num_classes(cfg.dataset, data_dir=data_dir))
     _choice(cfg, "bias_init", models.BIAS_INITS)
     _choice(cfg, "bn_init", tuple(models.BN_SCALE_INITS))
     _choice(cfg, "optimizer", train.OPTIMIZERS)
@@ -305,5 +313,8 @@ def run_hash(cfg: ml_collections.ConfigDict) -> str:
 
 
 def run_name(cfg: ml_collections.ConfigDict) -> str:
-    """'<experiment>_<model>_<dataset>_<hash>', e.g. 'find-ticket_lenet300_100_mnist5k_1a2b3c4d5e'."""
-    return f"{cfg.experiment}_{cfg.model}_{cfg.dataset}_{run_hash(cfg)}"
+    """'<experiment>_<model>_<dataset>_<hash>', e.g. 'find-ticket_lenet300_100_mnist5k_1a2b3c4d5e';
+    characters other than letters, digits, '_' and '-' in an import path or a TFDS name
+    ('pkg.mod:make', 'imagenette/320px') become '-' (the hash tells such runs apart)."""
+    safe = lambda s: re.sub(r"[^A-Za-z0-9_-]+", "-", str(s))  # noqa: E731
+    return f"{cfg.experiment}_{safe(cfg.model)}_{safe(cfg.dataset)}_{run_hash(cfg)}"

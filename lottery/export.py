@@ -14,6 +14,7 @@ function from these alone.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -25,8 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lottery import checkpoints, compact as compact_lib, config as config_lib, masks, models
-from lottery import sparse as sparse_lib
+from lottery import checkpoints, compact as compact_lib, config as config_lib, data, masks, models
+from lottery import rundir, sparse as sparse_lib
+from lottery.experiments import Command
 
 PyTree = Any
 FORMATS = ("compact", "sparse")
@@ -40,7 +42,7 @@ JSON_NAME = "model.json"
 def architecture(model: nn.Module) -> dict:
     """{'class': name in lottery.models, 'fields': the module's dataclass fields as JSON values}."""
     cls = type(model).__name__
-    if getattr(models, cls, None) is not type(model):
+    if _module_classes().get(cls) is not type(model):
         raise ValueError(f"model class {cls} is not a lottery.models module; export supports "
                          f"the registry's modules ({', '.join(sorted(_module_classes()))})")
     fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
@@ -49,8 +51,10 @@ def architecture(model: nn.Module) -> dict:
 
 
 def _module_classes() -> dict[str, type]:
+    """lottery.models' module classes, and those compaction builds (compact.MODULES)."""
     return {k: v for k, v in vars(models).items()
-            if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == models.__name__}
+            if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == models.__name__
+            } | {c.__name__: c for c in compact_lib.MODULES}
 
 
 def build(arch: dict) -> nn.Module:
@@ -68,12 +72,11 @@ def build(arch: dict) -> nn.Module:
 
 
 def _read_config(run_dir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_dir, rundir.CONFIG)
     if not os.path.isfile(path):
         raise ValueError(f"RUN_DIR {run_dir!r} has no config.json: not a `lottery find-ticket` "
                          f"run directory")
-    with open(path) as f:
-        return config_lib.from_saved(json.load(f))
+    return config_lib.from_saved(rundir.read_json(path))
 
 
 def read_level(run_dir: str, level: int) -> tuple[nn.Module, dict, PyTree, PyTree, dict]:
@@ -82,16 +85,16 @@ def read_level(run_dir: str, level: int) -> tuple[nn.Module, dict, PyTree, PyTre
     `info` holds the config's dataset, num_classes and input_shape. Raises ValueError for a
     level that is not finished, CorruptCheckpointError for an unreadable checkpoint.
     """
-    from lottery import data, imp  # noqa: PLC0415 - imp pulls in training code
-
     cfg = _read_config(run_dir)
     valid = not isinstance(level, bool) and isinstance(level, (int, np.integer)) and level >= 0
-    ldir = imp.level_dir(run_dir, level) if valid else ""
-    if not valid or not imp.is_done(ldir):
-        done = [r["level"] for r in imp.summary(run_dir)]
+    ldir = rundir.level_dir(run_dir, level) if valid else ""
+    if not valid or not rundir.is_done(ldir):
+        done = rundir.done_levels(run_dir)
         raise ValueError(f"--level {level!r}: not a finished level of {run_dir} "
                          f"(finished levels: {done or 'none'})")
-    input_shape, num_classes = data.input_shape(cfg.dataset), data.num_classes(cfg.dataset)
+    where = {"data_dir": cfg.get("data_dir") or None}
+    input_shape = data.input_shape(cfg.dataset, image_size=cfg.get("image_size") or None, **where)
+    num_classes = data.num_classes(cfg.dataset, **where)
     model = config_lib.model(cfg, num_classes)
     hint = f"Rerun `lottery find-ticket` with --discard-level {level} to train it again."
     final = checkpoints.restore(os.path.join(ldir, "final"), hint=hint)
@@ -206,23 +209,15 @@ def load(out_dir: str) -> tuple[Callable[[PyTree, jax.Array], jax.Array], PyTree
 # Command line.
 
 
-def add_parser(subparsers) -> None:
-    """The `export` subcommand's arguments."""
-    p = subparsers.add_parser(
-        "export", help="save a pruned level as a smaller (compact) or sparse model",
-        description="Export level N of a find-ticket run: 'compact' removes the units the mask "
-                    "leaves unneeded (same outputs, smaller dense model); 'sparse' stores pruned "
-                    "Dense kernels as BCOO matrices. Load it with lottery.export.load(DIR).")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a `lottery find-ticket` run directory")
     p.add_argument("--level", type=int, required=True, metavar="N", help="a finished level")
     p.add_argument("--format", choices=FORMATS, required=True, dest="format")
     p.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
 
 
-def run(args, overrides) -> int:
-    """Handler of `lottery export`."""
-    if overrides:
-        raise ValueError(f"export takes no --config.<field> overrides, got {overrides}")
+def export_command(args: argparse.Namespace) -> int:
+    """`lottery export`: writes the model and prints what it holds."""
     model, variables, mask, rates, info = read_level(args.run_dir, args.level)
     info.update(run_dir=os.path.abspath(args.run_dir), level=args.level)
     meta = export(model, variables, mask, args.out, args.format, info, rates)
@@ -233,3 +228,12 @@ def run(args, overrides) -> int:
         for k, u in meta["units"].items():
             print(f"  {k}: {u['original']} -> {u['kept']} units")
     return 0
+
+
+COMMANDS = (
+    Command("export", "save a pruned level as a smaller (compact) or sparse model",
+            "Export level N of a find-ticket run: 'compact' removes the units the mask leaves "
+            "unneeded (same outputs, smaller dense model); 'sparse' stores pruned Dense kernels "
+            "as BCOO matrices. Load it with lottery.export.load(DIR).", _add_arguments,
+            export_command),
+)

@@ -12,7 +12,7 @@ it retraces that level's own training; copy B's key is derived from it. The two 
 one vmapped program (`lottery.train.train(..., replicas=True)`). With `same_order=True` both use
 copy A's key, which must give a barrier of exactly 0.
 
-`lottery instability RUN_DIR --level N --rewind-it K` is `add_parser` / `run` below.
+`lottery instability RUN_DIR --level N --rewind-it K` prints and draws it (`lottery.report`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 
 from lottery import checkpoints, config as config_lib, masks, steps as steps_lib
 from lottery import train as train_lib
+from lottery.experiment import Setup
 from lottery.runs import Run
 
 PyTree = Any
@@ -110,15 +111,13 @@ def path_errors(trainer: train_lib.Trainer, a: train_lib.TrainState, b: train_li
 
 
 @functools.lru_cache(maxsize=1)
-def _setup(config_json: str):
-    from lottery import imp  # noqa: PLC0415 - imp pulls in data loading and the IMP runner
-
-    return imp.Setup(config_lib.from_saved(json.loads(config_json)))
+def _setup(config_json: str) -> Setup:
+    return Setup(config_lib.from_saved(json.loads(config_json)))
 
 
-def setup_for(run: Run):
-    """The run's `imp.Setup` (data, model, trainer, step counts); the last one is kept, so
-    repeated analyses of a run reuse its loaded data and compiled steps."""
+def setup_for(run: Run) -> Setup:
+    """The run's `experiment.Setup` (data, model, trainer, step counts); the last one is kept,
+    so repeated analyses of a run reuse its loaded data and compiled steps."""
     return _setup(json.dumps(run.config.to_dict(), sort_keys=True))
 
 
@@ -145,52 +144,3 @@ def instability(run_dir: str | Run, level: int, rewind_step: int | str, *, point
                          batch_size=setup.cfg.eval_batch_size)
     return Result(level, k, masks.density(mask, run.rates), alphas, errors,
                   error_barrier(errors), same_order)
-
-
-def add_parser(subparsers) -> None:
-    """Register `lottery instability`."""
-    p = subparsers.add_parser(
-        "instability", help="linear mode connectivity (error barrier) from a rewind point",
-        description="Train two copies of level N's masked network from iteration K of level 0 "
-                    "with different data orders, evaluate test error on the line between them "
-                    "and print the error barrier (max error minus mean of the end points; "
-                    "Frankle et al. 2020). The curve is written as a PNG.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--level", type=int, required=True, metavar="N", help="whose mask to use")
-    p.add_argument("--rewind-it", required=True, metavar="K",
-                   help="rewind iteration: an int or a step string such as '1ep' or '100it'")
-    p.add_argument("--points", type=int, default=11, help="points on the path (default 11)")
-    p.add_argument("--same-order", action="store_true",
-                   help="give both copies the same data order (a check: barrier exactly 0)")
-    p.add_argument("--out", default=None, metavar="PNG",
-                   help="where to write the curve (default: "
-                        "instability_<run>_level<N>_it<K>.png in the current directory)")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
-def run(args, overrides=()) -> int:
-    """Handler of `lottery instability`: prints the barrier and writes the curve PNG."""
-    from lottery import plots  # noqa: PLC0415
-
-    if overrides:
-        raise ValueError("lottery instability takes no --config.<field> overrides")
-    r = Run(args.run_dir)
-    rewind = int(args.rewind_it) if str(args.rewind_it).isdigit() else args.rewind_it
-    res = instability(r, args.level, rewind, points=args.points, same_order=args.same_order,
-                      progress=not args.json)
-    out = args.out or f"instability_{r.name}_level{res.level}_it{res.rewind_step}.png"
-    title = (f"level {res.level} (density {res.density:.4f}), rewind to iteration "
-             f"{res.rewind_step}: barrier {res.barrier:.4f}\n{r.name}")
-    plots.save(plots.instability_figure(res.alphas, res.errors, title), out)
-    if args.json:
-        print(json.dumps({**res.to_json(), "run_dir": r.path, "png": os.path.abspath(out)}))
-        return 0
-    i = int(np.argmax(res.errors))
-    print(f"level {res.level} (density {res.density:.4f}), rewind to iteration "
-          f"{res.rewind_step}: error barrier {res.barrier:.4f}")
-    print(f"end-point test errors {res.errors[0]:.4f} and {res.errors[-1]:.4f}; max "
-          f"{res.errors[i]:.4f} at alpha {res.alphas[i]:.2f}")
-    print("alpha  " + "  ".join(f"{x:6.2f}" for x in res.alphas))
-    print("error  " + "  ".join(f"{x:6.4f}" for x in res.errors))
-    print(f"curve: {os.path.abspath(out)}")
-    return 0

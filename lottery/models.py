@@ -1,15 +1,32 @@
-"""The flax linen models of the lottery-ticket literature, registered by name.
+"""The flax linen models of the lottery-ticket literature, registered by name, and your own.
 
 Every model maps a channels-last batch (MNIST (N, 28, 28, 1), CIFAR (N, 32, 32, 3), MNIST-1D
-(N, 40, 1)) to logits (N, num_classes) via `model.apply(variables, x, train=...)`. The classifier is
-always the Dense layer named `out`, so configs can say `exclude="out"` or `rates={"out": 0.5}`.
-Batch-norm models keep running statistics in the `batch_stats` collection (PyTorch's momentum 0.1
-is flax's momentum 0.9).
+(N, 40, 1), ImageNet (N, 224, 224, 3)) to logits (N, num_classes) via
+`model.apply(variables, x, train=...)`. `INPUT_SHAPES` gives each registered model's nominal input.
+The classifier is always the Dense layer named `out`, so configs can say `exclude="out"` or
+`rates={"out": 0.5}`. Batch-norm models keep running statistics in the `batch_stats` collection
+(PyTorch's momentum 0.1 is flax's momentum 0.9).
 
 Layer names: dense layers `fc1, fc2, ...`, conv layers `conv1, conv2, ...` with their batch norms
-`bn1, bn2, ...`; ResNet blocks are `stage{s}_block{b}` (s = 1..3, b = 0..n-1) holding `conv1,
-bn1, conv2, bn2` and, where the shape changes, `shortcut_conv, shortcut_bn`; the ResNet stem is
-`conv, bn`.
+`bn1, bn2, ...`; ResNet blocks are `stage{s}_block{b}` (s = 1..3 for the CIFAR ResNets, 1..4 for
+ResNet-18/50; b = 0..n-1) holding `conv1, bn1, conv2, bn2` (and `conv3, bn3` in a bottleneck) and,
+where the shape changes, `shortcut_conv, shortcut_bn`; the ResNet stem is `conv, bn`. The ViT has
+`patch_embed` (conv), `cls` (class token), `pos_embedding`, blocks `block{i}` holding `ln1`,
+`attn/{query,key,value,out}`, `ln2`, `fc1`, `fc2`, then `norm` and `out`.
+
+Your own model: `create` (and a config's `model` field) takes a registered name, a name given to
+`register(name, factory)`, or an import path 'package.module:factory' where `factory(num_classes=n)`
+returns a `flax.linen.Module` (a Module class with a `num_classes` field is such a factory). The
+module must take `(x, train=...)` like the models here. `check` builds it, initializes it on an
+input shape and checks the logits' shape, raising a one-line ValueError naming what failed.
+
+Prunable by default (`lottery.masks.prunable`: leaves with ndim >= 2): every Dense and conv kernel,
+including `out/kernel`, the ViT's `patch_embed/kernel` and its attention kernels
+`attn/{query,key,value}/kernel` (dim, heads, head_dim) and `attn/out/kernel` (heads, head_dim,
+dim); not biases, BN and LayerNorm parameters. The ViT's attention biases (heads, head_dim), `cls`
+(1, 1, dim) and `pos_embedding` (1, tokens, dim) also have ndim >= 2: exclude them in a ViT
+config (`exclude="out,cls,pos_embedding,.*/attn/(query|key|value)/bias"`) until the default rule
+prunes only leaves named `kernel`.
 
 Initialisation: Kaiming-normal kernels (fan_in, ReLU gain sqrt(2), untruncated, as PyTorch's
 `kaiming_normal_` that OpenLTH uses), except Conv-2/4/6 (Glorot normal, as in the lottery-ticket
@@ -19,12 +36,22 @@ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which OpenLTH keeps because its `kaiming_nor
 sets only the weights (the default of LeNet-300-100, VGG and ResNet, which follow OpenLTH);
 'zeros' (the default of Conv-2/4/6, as TensorFlow's layers; the Synaptic-Flow models). BN scales
 follow `bn_init` (`BN_SCALE_INITS`). Configs reach both through the fields of the same names.
+ResNet-18/50 follow torchvision: Kaiming-normal conv kernels with fan_out, BN scales 1 (not set by
+`bn_init`), PyTorch's default Linear init for `out` (its bias per `bias_init`). The ViT follows
+timm: N(0, 0.02) Dense and attention kernels (timm's trunc_normal_(std=.02) cuts at +-2, i.e. 100
+std: a plain normal), zero biases, N(0, 0.02) position embedding, N(0, 1e-6) class token, PyTorch's
+default Conv2d init for the patch embedding, LayerNorm 1 and 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import math
+import os
+import re
+import sys
 from typing import Any, Callable, Sequence
 
 import jax
@@ -316,6 +343,171 @@ class CNN1D(nn.Module):
         return _torch_dense(self.num_classes, x.shape[-1], "out", self.torch_init)(x)
 
 
+# ---------------------------------------------------------------------------------------------
+# ImageNet-style ResNets (torchvision layout) and a small Vision Transformer.
+
+# torchvision's ResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu') on every conv.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv_nobias(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+    """A bias-free conv with PyTorch's symmetric padding kernel // 2 and torchvision's init."""
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=False,
+                   kernel_init=kaiming_normal_fan_out, name=name)
+
+
+def _shortcut(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
+    """torchvision's downsample: 1x1 stride-`stride` conv + BN where the shape changes."""
+    if stride == 1 and x.shape[-1] == features:
+        return x
+    x = _conv_nobias(features, 1, stride, "shortcut_conv")(x)
+    return _bn(train, "ones", "shortcut_bn")(x)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv3x3(stride)-BN-ReLU-conv3x3-BN + shortcut, then ReLU."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        y = _conv_nobias(self.features, 3, self.stride, "conv1")(x)
+        y = nn.relu(_bn(train, "ones", "bn1")(y))
+        y = _conv_nobias(self.features, 3, 1, "conv2")(y)
+        y = _bn(train, "ones", "bn2")(y)
+        return nn.relu(y + _shortcut(x, self.features, self.stride, train))
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck (ResNet v1.5): conv1x1(features)-BN-ReLU, conv3x3(features,
+    stride)-BN-ReLU, conv1x1(4 * features)-BN, + shortcut, then ReLU. The stride sits on the 3x3
+    conv (v1.5), not on the first 1x1 (v1)."""
+
+    features: int
+    stride: int = 1
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        out = self.features * self.expansion
+        y = _conv_nobias(self.features, 1, 1, "conv1")(x)
+        y = nn.relu(_bn(train, "ones", "bn1")(y))
+        y = _conv_nobias(self.features, 3, self.stride, "conv2")(y)
+        y = nn.relu(_bn(train, "ones", "bn2")(y))
+        y = _conv_nobias(out, 1, 1, "conv3")(y)
+        y = _bn(train, "ones", "bn3")(y)
+        return nn.relu(y + _shortcut(x, out, self.stride, train))
+
+
+class ImageNetResNet(nn.Module):
+    """ResNet-18 / ResNet-50 in torchvision's layout (He et al. 2016; torchvision v1.5).
+
+    Stem: 7x7 stride-2 conv (pad 3, no bias) `conv`, BN `bn`, ReLU, 3x3 stride-2 max pool (pad 1);
+    four stages of `stage_sizes` blocks with `width` x 1, 2, 4, 8 features (stride 2 at the start
+    of stages 2-4, projection shortcuts where the shape changes); global average pool; Dense `out`.
+    Basic blocks for ResNet-18 (2, 2, 2, 2), bottlenecks for ResNet-50 (3, 4, 6, 3). Nominal input
+    224x224x3; any HxW >= 32 works (the global pool takes whatever map is left). Parameters for
+    1000 classes: 11,689,512 (ResNet-18) and 25,557,032 (ResNet-50), as torchvision's.
+    """
+
+    num_classes: int = 1000
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    bottleneck: bool = False
+    width: int = 64
+    bias_init: str = "torch"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = _conv_nobias(self.width, 7, 2, "conv")(x)
+        x = nn.relu(_bn(train, "ones", "bn")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        block = Bottleneck if self.bottleneck else BasicBlock
+        for s, n in enumerate(self.stage_sizes):
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                x = block(self.width * 2**s, stride, name=f"stage{s + 1}_block{b}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, kernel_init=torch_default_kernel,
+                        bias_init=_bias_init(self.bias_init, x.shape[-1]), name="out")(x)
+
+
+# timm's trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. at 100 std: a plain normal.
+vit_normal = nn.initializers.normal(0.02)
+VIT_POOLS = ("cls", "mean")
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)) (GELU, exact)."""
+
+    dim: int
+    heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.LayerNorm(epsilon=1e-6, name="ln1")(x)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.heads, qkv_features=self.dim, out_features=self.dim,
+            kernel_init=vit_normal, bias_init=zeros, name="attn")(y, y)
+        x = x + y
+        y = nn.LayerNorm(epsilon=1e-6, name="ln2")(x)
+        y = nn.Dense(self.mlp_dim, kernel_init=vit_normal, bias_init=zeros, name="fc1")(y)
+        y = nn.gelu(y, approximate=False)
+        y = nn.Dense(self.dim, kernel_init=vit_normal, bias_init=zeros, name="fc2")(y)
+        return x + y
+
+
+class ViT(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2021) in timm's layout, pre-norm blocks.
+
+    `patch_embed`: a `patch` x `patch` stride-`patch` conv to `dim` features (H and W must be
+    multiples of `patch`); with `pool='cls'` (the default, as ViT, DeiT and timm) a learned class
+    token `cls` is prepended and read out after the final LayerNorm `norm`; with `pool='mean'` the
+    tokens are averaged instead. A learned position embedding `pos_embedding` (1, tokens, dim) is
+    added; its length is fixed by the input shape at init. `depth` blocks `block{i}` of
+    multi-head self-attention (`heads` heads of dim / heads) and an MLP of `mlp_ratio` * dim
+    (GELU), LayerNorm eps 1e-6, no dropout; Dense `out`. `vit_tiny_patch16` is timm's
+    `vit_tiny_patch16_224` (dim 192, depth 12, heads 3): 5,717,416 parameters for 224x224 input
+    and 1000 classes; `vit_tiny_patch4` is the same network with 4x4 patches for 32x32 input.
+    """
+
+    num_classes: int = 1000
+    patch: int = 16
+    dim: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: int = 4
+    pool: str = "cls"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no dropout, no batch statistics
+        if self.pool not in VIT_POOLS:
+            raise ValueError(f"pool={self.pool!r}: must be one of {list(VIT_POOLS)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} is not a multiple of heads={self.heads}")
+        if x.ndim != 4 or x.shape[1] % self.patch or x.shape[2] % self.patch:
+            raise ValueError(f"ViT input {tuple(x.shape)}: expected (N, H, W, C) with H and W "
+                             f"multiples of patch={self.patch}")
+        fan_in = self.patch * self.patch * x.shape[-1]
+        x = nn.Conv(self.dim, (self.patch, self.patch), strides=(self.patch, self.patch),
+                    padding="VALID", kernel_init=torch_default_kernel,
+                    bias_init=torch_default_bias(fan_in), name="patch_embed")(x)
+        x = x.reshape(x.shape[0], -1, self.dim)
+        if self.pool == "cls":
+            cls = self.param("cls", nn.initializers.normal(1e-6), (1, 1, self.dim))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), x], axis=1)
+        x = x + self.param("pos_embedding", vit_normal, (1, x.shape[1], self.dim))
+        for i in range(self.depth):
+            x = ViTBlock(self.dim, self.heads, self.mlp_ratio * self.dim, name=f"block{i}")(x)
+        x = nn.LayerNorm(epsilon=1e-6, name="norm")(x)
+        x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+        return nn.Dense(self.num_classes, kernel_init=vit_normal, bias_init=zeros, name="out")(x)
+
+
 def _factory(cls: type[nn.Module], doc: str, **fixed) -> Callable[..., nn.Module]:
     def make(num_classes: int = 10, **kwargs) -> nn.Module:
         return cls(num_classes=num_classes, **fixed, **kwargs)
@@ -337,16 +529,173 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": _factory(ResNet, "ResNet-56 for 32x32x3 input.", depth=56),
     "mlp_mnist1d": _factory(MLP1D, "MNIST-1D MLP for (40, 1) input."),
     "cnn_mnist1d": _factory(CNN1D, "MNIST-1D CNN for (40, 1) input."),
+    "resnet18": _factory(ImageNetResNet, "ResNet-18 (torchvision) for 224x224x3 input, any "
+                         "HxW >= 32.", stage_sizes=(2, 2, 2, 2), bottleneck=False),
+    "resnet50": _factory(ImageNetResNet, "ResNet-50 (torchvision v1.5) for 224x224x3 input, any "
+                         "HxW >= 32.", stage_sizes=(3, 4, 6, 3), bottleneck=True),
+    "vit_tiny_patch16": _factory(ViT, "ViT-Tiny, 16x16 patches, for 224x224x3 input (timm's "
+                                 "vit_tiny_patch16_224).", patch=16),
+    "vit_tiny_patch4": _factory(ViT, "ViT-Tiny, 4x4 patches, for 32x32x3 input.", patch=4),
 }
+
+# The nominal input shape (one example, channels-last) of every registered model.
+_MNIST, _CIFAR, _MNIST1D, _IMAGENET = (28, 28, 1), (32, 32, 3), (40, 1), (224, 224, 3)
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {
+    "lenet300_100": _MNIST, "mlp_mnist1d": _MNIST1D, "cnn_mnist1d": _MNIST1D,
+    **{n: _CIFAR for n in ("conv2", "conv4", "conv6", "vgg11", "vgg16", "vgg19", "resnet20",
+                           "resnet32", "resnet56", "vit_tiny_patch4")},
+    **{n: _IMAGENET for n in ("resnet18", "resnet50", "vit_tiny_patch16")},
+}
+
+# Models registered at run time by `register`: name -> factory or module.
+_USER: dict[str, Callable[..., nn.Module] | nn.Module] = {}
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def is_import_path(name: str) -> bool:
+    """Whether `name` has the form 'package.module:factory' (a ':' and no registered name)."""
+    return isinstance(name, str) and ":" in name
+
+
+def names() -> list[str]:
+    """The registered model names: the built-in ones, then those given to `register`."""
+    return [*MODELS, *_USER]
+
+
+def register(name: str, factory: Callable[..., nn.Module] | nn.Module, *,
+             overwrite: bool = False) -> None:
+    """Register a model under `name`, for `create` and a config's `model` field in this process.
+
+    `factory(num_classes=n, **kwargs)` must return a `flax.linen.Module` (a Module class with a
+    `num_classes` field qualifies). A Module instance is also accepted: `create` returns it with
+    `num_classes` (and kwargs) replaced where it has such fields, else as it is. Names are
+    letters, digits, '_' and '-', starting with a letter; a built-in name cannot be replaced, and
+    a registered one only with `overwrite=True`.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"model name {name!r}: expected letters, digits, '_' or '-', starting "
+                         f"with a letter")
+    if name in MODELS:
+        raise ValueError(f"model name {name!r} is a built-in model; choose another name")
+    if name in _USER and not overwrite:
+        raise ValueError(f"model name {name!r} is already registered; pass overwrite=True to "
+                         f"replace it")
+    if not (isinstance(factory, nn.Module) or callable(factory)):
+        raise ValueError(f"model {name!r}: expected a factory(num_classes=...) returning a "
+                         f"flax.linen.Module, or a Module, got {type(factory).__name__}")
+    _USER[name] = factory
+    _checked.cache_clear()
+
+
+def unregister(name: str) -> None:
+    """Remove a model given to `register` (KeyError if there is none of that name)."""
+    del _USER[name]
+    _checked.cache_clear()
+
+
+def _unknown(name) -> str:
+    return (f"model={name!r}: expected one of {', '.join(names())} (registered names), or an "
+            f"import path 'package.module:factory'")
+
+
+def resolve(name: str) -> Callable[..., nn.Module] | nn.Module:
+    """The factory (or Module) that `name` stands for: a built-in name, a name given to
+    `register`, or an import path 'package.module:factory' (the current directory is searched
+    after sys.path). Raises a one-line ValueError naming what failed; nothing is built."""
+    if not isinstance(name, str):
+        raise ValueError(f"model={name!r}: expected a model name or an import path")
+    if name in MODELS:
+        return MODELS[name]
+    if name in _USER:
+        return _USER[name]
+    if not is_import_path(name):
+        raise ValueError(_unknown(name))
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise ValueError(f"model={name!r}: expected an import path 'package.module:factory'")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # anything importing user code can raise: one line
+        raise ValueError(f"model={name!r}: cannot import module {module_name!r} "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model={name!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not (isinstance(obj, nn.Module) or callable(obj)):
+        raise ValueError(f"model={name!r}: {attr} is a {type(obj).__name__}, expected a "
+                         f"factory(num_classes=...) returning a flax.linen.Module")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def create(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """The registered model `name` with `num_classes` outputs; kwargs go to the module."""
-    if name not in MODELS:
-        raise ValueError(f"model name {name!r} is unknown; known names: {sorted(MODELS)}")
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+    """The model `name` (see `resolve`) with `num_classes` outputs; kwargs go to the module."""
+    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) \
+            or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be a positive int")
-    return MODELS[name](num_classes=int(num_classes), **kwargs)
+    factory = resolve(name)
+    if name in MODELS:
+        return factory(num_classes=int(num_classes), **kwargs)
+    if isinstance(factory, nn.Module):
+        fields = {f.name for f in dataclasses.fields(factory)}
+        opts = {k: v for k, v in {"num_classes": int(num_classes), **kwargs}.items()
+                if k in fields}
+        unknown = set(kwargs) - fields
+        if unknown:
+            raise ValueError(f"model={name!r}: the module has no field(s) {sorted(unknown)}")
+        return factory.clone(**opts) if opts else factory
+    try:
+        model = factory(num_classes=int(num_classes), **kwargs)
+    except Exception as e:
+        raise ValueError(f"model={name!r}: calling it with num_classes={int(num_classes)} failed "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={name!r}: factory(num_classes={int(num_classes)}) returned "
+                         f"{type(model).__name__}, expected a flax.linen.Module")
+    return model
+
+
+def check(name: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The model `name` with `num_classes` outputs, checked: it resolves, builds a flax Module,
+    initializes on one example of `input_shape` (abstractly: nothing is computed) and returns
+    logits of shape (1, num_classes) in eval mode. Raises a one-line ValueError naming `name` and
+    what failed. Results are cached per (name, shape, classes)."""
+    return _checked(name, tuple(int(d) for d in input_shape), int(num_classes))
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    model = create(name, num_classes)
+    what = f"model={name!r}"
+    try:
+        variables = jax.eval_shape(lambda k: init(model, k, input_shape), jax.random.key(0))
+    except Exception as e:
+        raise ValueError(f"{what}: initializing on input shape {input_shape} failed "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    if "params" not in variables:
+        raise ValueError(f"{what}: init on input shape {input_shape} made no 'params'")
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+    except Exception as e:
+        raise ValueError(f"{what}: apply(variables, x, train=False) on input shape "
+                         f"{input_shape} failed ({type(e).__name__}: {_first_line(e)})") from None
+    if getattr(out, "shape", None) != (1, num_classes):
+        raise ValueError(f"{what}: logits for one example of shape {input_shape} have shape "
+                         f"{getattr(out, 'shape', type(out).__name__)}, expected "
+                         f"(1, {num_classes})")
+    return model
 
 
 def init(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict:

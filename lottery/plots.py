@@ -12,12 +12,12 @@
 
 Every `*_figure` function returns a matplotlib Figure (no pyplot state, so it works in scripts,
 tests and notebooks); `save` writes it as a PNG of exactly SIZE pixels. `lottery plot` is
-`add_parser` / `run` below. Units: density = fraction of prunable weights kept.
+`plot_command` below. Units: density = fraction of prunable weights kept.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 from typing import Sequence
 
@@ -26,7 +26,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from lottery import config as config_lib, masks
+from lottery import config as config_lib, experiments, masks, rundir
+from lottery.experiments import Command
 from lottery.runs import Run
 
 FIGSIZE = (6.4, 4.8)  # inches
@@ -279,11 +280,8 @@ def instability_figure(alphas, errors, title: str = "") -> Figure:
 
 
 def _experiment(run_dir: str) -> str | None:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("experiment")
+    path = os.path.join(run_dir, rundir.CONFIG)
+    return rundir.read_json(path).get("experiment") if os.path.isfile(path) else None
 
 
 def plot(run_dirs: Sequence[str], out_dir: str, metric: str = "final") -> dict[str, str]:
@@ -293,19 +291,18 @@ def plot(run_dirs: Sequence[str], out_dir: str, metric: str = "final") -> dict[s
     mask figure is left out for models it does not apply to.
     """
     _check_metric(metric)
-    pai_runs = [d for d in run_dirs if _experiment(d) == "prune-at-init"]
+    pai = experiments.get("prune-at-init")
+    pai_runs = [d for d in run_dirs if _experiment(d) == pai.name]
     if pai_runs:
         if len(pai_runs) != len(run_dirs):
             raise ValueError("plot prune-at-init runs apart from other runs: their x-axis is the "
                              "compression ratio of each scorer, not the IMP level's density")
-        from lottery import pai  # noqa: PLC0415
-
         os.makedirs(out_dir, exist_ok=True)
         out = {}
         for d in pai_runs:
-            name = f"accuracy_vs_compression_{os.path.basename(os.path.abspath(d))}"
+            name = f"{os.path.splitext(pai.figure_name)[0]}_{os.path.basename(os.path.abspath(d))}"
             path = os.path.join(out_dir, f"{name}.png")
-            pai.plot(d, path)
+            pai.figure(d, path)
             out[name] = path
         return out
     runs = _open(run_dirs)
@@ -329,23 +326,23 @@ def plot(run_dirs: Sequence[str], out_dir: str, metric: str = "final") -> dict[s
             for name, make in figures.items()}
 
 
-def add_parser(subparsers) -> None:
-    """Register `lottery plot`."""
-    p = subparsers.add_parser(
-        "plot", help="lottery-ticket figures (PNG) from run directories",
-        description="Write accuracy_vs_density.png (every run; runs differing only in seed "
-                    "are averaged, band = min-max), and layer_density.png, training_curves.png, "
-                    "first_layer_mask.png (MLPs on images) for the first run, into --out.")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the PNG files")
     p.add_argument("--metric", choices=METRICS, default="final",
                    help="test accuracy at the end of training or the best one (default: final)")
 
 
-def run(args, overrides=()) -> int:
-    """Handler of `lottery plot`: writes the PNGs and prints their paths."""
-    if overrides:
-        raise ValueError("lottery plot takes no --config.<field> overrides")
+def plot_command(args: argparse.Namespace) -> int:
+    """`lottery plot`: writes the PNGs and prints their paths."""
     for name, path in plot(args.run_dirs, args.out, args.metric).items():
         print(f"{name}: {path}")
     return 0
+
+
+COMMANDS = (
+    Command("plot", "lottery-ticket figures (PNG) from run directories",
+            "Write accuracy_vs_density.png (every run; runs differing only in seed are averaged, "
+            "band = min-max), and layer_density.png, training_curves.png, first_layer_mask.png "
+            "(MLPs on images) for the first run, into --out.", _add_arguments, plot_command),
+)

@@ -46,6 +46,10 @@ Rules shared by all functions:
   0.07 * 100 = 7.000000000000001 count as they do there. Both rules drop ties at the threshold
   and keep lottery's ranking (NaN lowest, dead below all alive scores). A traced density or
   fraction is float32, so those counts are reference-exact only for Python numbers.
+
+The arithmetic behind these rules has modules of its own: `lottery.counting` (exact counts, the
+uniform / erk split), `lottery.count_rules` (synflow, openlth) and `lottery.selection` (ranking
+and selection without a sort). This module is the API over them.
 """
 
 from __future__ import annotations
@@ -53,52 +57,18 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottery import masks, schedules
+from lottery import count_rules, counting, masks, schedules, selection
 
 PyTree = Any
 SCOPES = ("global", "layerwise", "uniform", "erk")
-COUNT_RULES = ("exact", "synflow", "openlth")
+COUNT_RULES = count_rules.COUNT_RULES
 NORMS = ("l1", "l2", "sum")
-_INT32_MAX = 2**31 - 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Argument checks and exact counting.
-
-
-def _static(x) -> Fraction | None:
-    """`x` as an exact Fraction (of its shortest decimal form) if concrete, None if traced."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    if np.ndim(x) != 0:
-        raise ValueError(f"expected a scalar, got an array of shape {np.shape(x)}")
-    if isinstance(x, (bool, np.bool_)):
-        raise ValueError(f"expected a number, got {x!r}")
-    if isinstance(x, (int, np.integer)):
-        return Fraction(int(x))
-    return Fraction(repr(float(x)))
-
-
-def _check_density(density) -> Fraction | None:
-    d = _static(density)
-    if d is not None and not 0 < d <= 1:
-        raise ValueError(f"density must be in (0, 1] (fraction of prunable weights kept), "
-                         f"got {density}")
-    return d
-
-
-def _check_fraction(fraction) -> Fraction | None:
-    f = _static(fraction)
-    if f is not None and not 0 <= f < 1:
-        raise ValueError(f"fraction must be in [0, 1) (share of the alive weights removed), "
-                         f"got {fraction}")
-    return f
 
 
 def _check_scope(scope: str) -> None:
@@ -106,297 +76,23 @@ def _check_scope(scope: str) -> None:
         raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}, got {scope!r}")
 
 
-def _check_rates(rates: PyTree, mask: PyTree, name: str = "rates") -> list[float]:
-    """The rate leaves, after checking that `rates` has the leaves of `mask`."""
-    r_paths, m_paths = masks.paths(rates), masks.paths(mask)
-    if r_paths != m_paths:
-        diff = [p for p in m_paths if p not in r_paths] + [p for p in r_paths if p not in m_paths]
-        first = diff[0] if diff else next(a for a, b in zip(m_paths, r_paths) if a != b)
-        raise ValueError(f"{name} does not match the mask at path {first!r}")
-    leaves = jax.tree.leaves(rates)
-    for p, r in zip(r_paths, leaves):
-        if isinstance(r, jax.core.Tracer):
-            raise ValueError(f"{name} must be Python floats (static), got a traced value at {p!r}")
-        if not float(r) >= 0.0:
-            raise ValueError(f"{name} at {p!r} must be >= 0, got {r}")
-    return [float(r) for r in leaves]
-
-
-def _check_rule(count_rule: str, scope: str, rates_l: list[float], count_basis: PyTree | None,
-                mask: PyTree) -> tuple[float, ...]:
-    """Validate `count_rule` against scope and rates; the count-basis leaves (openlth's
-    `remaining` is counted over the leaves > 0: by default the pruned ones)."""
-    if count_rule not in COUNT_RULES:
-        raise ValueError(f"count_rule must be one of {', '.join(map(repr, COUNT_RULES))}, "
-                         f"got {count_rule!r}")
-    if count_rule != "exact" and scope not in ("global", "layerwise"):
-        raise ValueError(f"count_rule={count_rule!r} counts in scope 'global' or 'layerwise' (the "
-                         f"reference's global and local), got scope {scope!r}")
-    if count_rule != "exact" or scope in ("uniform", "erk"):
-        odd = [p for p, r in zip(masks.paths(mask), rates_l) if r not in (0.0, 1.0)]
-        if odd:
-            what = f"count_rule={count_rule!r}" if count_rule != "exact" else f"scope={scope!r}"
-            raise ValueError(f"{what} takes rates of 0 or 1 only (no rate multipliers), got "
-                             f"{rates_l[masks.paths(mask).index(odd[0])]} at {odd[0]!r}")
-    if count_basis is None:
-        return tuple(rates_l)
-    if count_rule != "openlth" or scope != "global":
-        raise ValueError(f"count_basis is used by count_rule='openlth' in global scope only, got "
-                         f"count_rule={count_rule!r}, scope={scope!r}")
-    basis = _check_rates(count_basis, mask, "count_basis")
-    missing = [p for p, r, b in zip(masks.paths(mask), rates_l, basis) if r > 0 and not b > 0]
-    if missing:
-        raise ValueError(f"count_basis must count every pruned leaf; it leaves out {missing}")
-    return tuple(basis)
-
-
-def _f64_bits(x) -> np.ndarray:
-    """A Python float as two uint32 words: passes its exact float64 value through jit."""
-    return np.asarray([float(x)], np.float64).view(np.uint32)
-
-
-def _host_value(x, static) -> jax.Array | np.ndarray:
-    """`x` for the host callbacks: float64 bits if static, else the traced value in float32."""
-    return _f64_bits(x) if static is not None else jnp.asarray(x, jnp.float32)
-
-
-def _round_half_up(x: Fraction) -> int:
-    return math.floor(x + Fraction(1, 2))
-
-
-def _scaled_count(factor, count, bound: int):
-    """round-half-up(factor * count) as int32; `count` is an int32 array in [0, bound].
-
-    Exact integer arithmetic when `factor` is a static Fraction p/q with 2*p*bound + q < 2**31,
-    float32 otherwise.
-    """
-    if isinstance(factor, Fraction) and 2 * factor.numerator * bound + factor.denominator \
-            <= _INT32_MAX:
-        p, q = factor.numerator, factor.denominator
-        return (2 * p * count + q) // (2 * q)
-    return jnp.floor(jnp.float32(float(factor)) * count + 0.5).astype(jnp.int32)
-
-
-def _density_counts(density, exact: Fraction | None, sizes: Sequence[int]):
-    """round-half-up(density * size) per size: exact (numpy int32) for a static density, float32
-    arithmetic (jnp int32) for a traced one."""
-    if exact is not None:
-        return np.asarray([_round_half_up(exact * n) for n in sizes], np.int32)
-    d = jnp.asarray(density, jnp.float32)
-    return jnp.floor(d * jnp.asarray(sizes, jnp.float32) + 0.5).astype(jnp.int32)
-
-
-def _synflow_keep(density, static, sizes: Sequence[int]):
-    """n - int((1.0 - density) * n) per size: Synaptic-Flow's count of pruned entries, in Python
-    float64 for a static density (float32 for a traced one)."""
-    if static is not None:
-        d = float(density)
-        return np.asarray([n - int((1.0 - d) * n) for n in sizes], np.int32)
-    n = jnp.asarray(sizes, jnp.float32)
-    k = jnp.floor((1.0 - jnp.asarray(density, jnp.float32)) * n)
-    return (n - k).astype(jnp.int32)
-
-
-def _allocate(total: int, shapes: Sequence[tuple[int, ...]], scope: str) -> list[int]:
-    """Split `total` kept weights over leaves of `shapes` (see the header: uniform / erk, largest
-    remainder), in exact rational arithmetic. `total` <= the sum of the sizes."""
-    sizes = [math.prod(s) for s in shapes]
-    live = [i for i, n in enumerate(sizes) if n > 0]
-    real = [Fraction(0)] * len(shapes)
-    if scope == "uniform":
-        for i in live:
-            real[i] = Fraction(total * sizes[i], sum(sizes))
-    elif live:
-        ratio = {i: Fraction(sum(shapes[i]), sizes[i]) for i in live}
-        dense: set[int] = set()
-        while True:  # JaxPruner's loop: densify the largest ratio while its density exceeds 1
-            rest = [i for i in live if i not in dense]
-            eps = Fraction(total - sum(sizes[i] for i in dense),
-                           sum(ratio[i] * sizes[i] for i in rest))
-            top = max(ratio[i] for i in rest)
-            if top * eps <= 1:
-                break
-            dense |= {i for i in rest if ratio[i] == top}
-        for i in live:
-            real[i] = Fraction(sizes[i]) if i in dense else eps * ratio[i] * sizes[i]
-    counts = [math.floor(r) for r in real]
-    order = sorted(range(len(real)), key=lambda i: (counts[i] - real[i], i))
-    for i in order[:total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def _allocate_on_device(total, shapes: tuple[tuple[int, ...], ...], scope: str):
-    """`_allocate` for a traced `total` (int32 scalar): computed on the host, under jit too."""
-    def host(t):
-        return np.asarray(_allocate(int(t), shapes, scope), np.int32)
-    return jax.pure_callback(host, jax.ShapeDtypeStruct((len(shapes),), jnp.int32), total,
-                             vmap_method="sequential")
-
-
-def _host_keep(rule: str, mode: str, sizes: tuple[int, ...], value, alive, basis):
-    """Kept counts of the reference rules, in their float64 arithmetic (host side).
-
-    `value`: the density or fraction (float64 bits, or a float32 from a traced value); `alive`:
-    alive entries in each scope unit; `basis`: openlth's `remaining` per unit; `sizes`: all
-    entries of the basis per unit (openlth densities).
-    """
-    v = np.asarray(value)
-    x = v.view(np.float64)[0] if v.dtype == np.uint32 else np.float64(v)
-    a = np.asarray(alive).astype(np.float64)
-    if rule == "synflow":  # remove_fraction: int(f * alive) of the alive entries go
-        keep = a - np.floor(x * a)
-    else:
-        b = np.asarray(basis).astype(np.float64)
-        n = np.ceil(x * b) if mode == "fraction" else np.ceil(b - x * np.asarray(sizes, float))
-        keep = np.maximum(a - n - 1, 0)
-        if mode == "density":  # nothing to prune: the target is at or above the density
-            keep = np.where(n <= 0, a, keep)
-    return keep.astype(np.int32)
-
-
-# ----------------------------------------------------------------------------------------------
-# The selection engine. An "item" is a weight (unstructured) or an output unit (structured); its
-# cost is the number of alive weights it holds (1 for a weight).
-
-
-def _rank_key(scores, alive):
-    """Unsigned keys, smaller = better: alive scores descending, then alive NaNs, then dead items.
-
-    Float bits are mapped to an order-preserving unsigned integer (flip all bits of negatives,
-    the sign bit of positives), then inverted for descending order; -0.0 counts as 0.0. float64
-    scores (only under jax_enable_x64) keep their precision; other floats are ranked in float32.
-    """
-    wide = scores.dtype == jnp.float64
-    ftype, utype = (jnp.float64, jnp.uint64) if wide else (jnp.float32, jnp.uint32)
-    top = jnp.iinfo(utype).max
-    s = scores.astype(ftype)
-    s = jnp.where(s == 0, jnp.zeros((), ftype), s)
-    bits = jax.lax.bitcast_convert_type(s, utype)
-    sign = jnp.asarray(1, utype) << (8 * jnp.dtype(utype).itemsize - 1)
-    ascending = jnp.where((bits & sign) != 0, ~bits, bits | sign)
-    key = jnp.where(jnp.isnan(s), jnp.asarray(top - 1, utype), ~ascending)
-    return jnp.where(alive, key, jnp.asarray(top, utype))
-
-
-def _select(scores, alive, cost, budget, drop_ties: bool = False):
-    """Keep the best-ranked alive items whose cumulative cost (in rank order) stays <= `budget`.
-
-    Rank order: `_rank_key`, then the lower index. No sort: a bisection over the key bits finds
-    the key T of the first item that no longer fits; items ranked better than T are kept, and
-    items with key T are taken in index order while the budget lasts (none of them with
-    `drop_ties`: the reference rules prune everything tied with the threshold). Linear in the
-    item count per bit, which is several times faster than a stable multi-key sort on CPU.
-    """
-    key = _rank_key(scores, alive)
-    utype = key.dtype
-    cost = jnp.where(alive, cost, 0)
-
-    def spent_up_to(t):
-        return jnp.sum(jnp.where(key <= t, cost, 0))
-
-    def bisect(_, bounds):
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        over = spent_up_to(mid) > budget
-        return jnp.where(over, lo, mid + 1), jnp.where(over, mid, hi)
-
-    nbits = 8 * jnp.dtype(utype).itemsize
-    top = jnp.asarray(jnp.iinfo(utype).max, utype)
-    t, _ = jax.lax.fori_loop(0, nbits, bisect, (jnp.zeros((), utype), top))
-    below = key < t
-    at = key == t
-    run = jnp.sum(jnp.where(below, cost, 0)) + jnp.cumsum(jnp.where(at, cost, 0))
-    keep = alive & below if drop_ties else alive & (below | (at & (run <= budget)))
-    return jnp.where(spent_up_to(top) <= budget, alive, keep)
-
-
-def _kept_cost(keep, cost):
-    return jnp.sum(jnp.where(keep, cost, 0))
-
-
-def _finish(items, rates, scope, q_keep, base_target, drop_ties=False):
-    """Select items: leaves with rate != 1 keep `q_keep[i]` items each; rate-1 leaves keep
-    `base_target` (global: one cost budget for all of them, minus what the others kept; other
-    scopes: a list of per-leaf item counts)."""
-    out = [None] * len(items)
-    for i, (s, a, c) in enumerate(items):
-        if rates[i] != 1.0:
-            out[i] = _select(s, a, jnp.ones_like(c), q_keep[i])
-    base = [i for i in range(len(items)) if rates[i] == 1.0]
-    if scope != "global":
-        for i in base:
-            s, a, c = items[i]
-            out[i] = _select(s, a, jnp.ones_like(c), base_target[i], drop_ties)
-    elif base:
-        spent = sum((_kept_cost(out[i], items[i][2]) for i in range(len(items)) if i not in base),
-                    jnp.int32(0))
-        budget = jnp.maximum(base_target - spent, 0)
-        sizes = [items[i][0].shape[0] for i in base]
-        cat = [jnp.concatenate([items[i][k] for i in base]) for k in range(3)]
-        keep = _select(*cat, budget, drop_ties)
-        for i, part in zip(base, jnp.split(keep, np.cumsum(sizes)[:-1])):
-            out[i] = part
-    return out
-
-
-def _to_counts(items, rates, scope, counts, drop_ties=False):
-    """The density step. `counts`: global [K] kept cost over all leaves; other scopes the kept
-    item count of each leaf. Rate-r leaves remove round(r * f * alive) items."""
-    alive_n = [jnp.sum(a, dtype=jnp.int32) for _, a, _ in items]
-    if scope == "global":
-        alive_w = sum((_kept_cost(a, c) for _, a, c in items), jnp.int32(0))
-        k = jnp.minimum(counts[0], alive_w)
-        f = jnp.where(alive_w > 0, 1.0 - k / jnp.maximum(alive_w, 1), 0.0)
-        q_keep = {i: n - jnp.clip(jnp.floor(rates[i] * f * n + 0.5).astype(jnp.int32), 0, n)
-                  for i, n in enumerate(alive_n) if rates[i] != 1.0}
-        return _finish(items, rates, scope, q_keep, k, drop_ties)
-    keep = [jnp.minimum(counts[i], n) for i, n in enumerate(alive_n)]
-    # f_l = 1 - keep_l / alive_l, so r * f_l * alive_l = r * (alive_l - keep_l).
-    q_keep = {i: n - jnp.clip(_scaled_count(_exact_rate(rates[i]), n - keep[i],
-                                            items[i][0].shape[0]), 0, n)
-              for i, n in enumerate(alive_n) if rates[i] != 1.0}
-    return _finish(items, rates, scope, q_keep, keep, drop_ties)
-
-
-def _exact_rate(r: float) -> Fraction:
-    return Fraction(repr(float(r)))
-
-
 # ----------------------------------------------------------------------------------------------
 # Unstructured pruning.
-
-
-def _weight_items(scores, mask, rates):
-    """(prunable leaf indices, [(flat scores, flat alive, ones)]) of the leaves with rate > 0."""
-    s_leaves, m_leaves = jax.tree.leaves(scores), jax.tree.leaves(mask)
-    idx = [i for i, r in enumerate(rates) if r > 0]
-    items = [(jnp.ravel(s_leaves[i]), jnp.ravel(m_leaves[i]).astype(bool),
-              jnp.ones(np.size(m_leaves[i]), jnp.int32)) for i in idx]
-    return idx, items
-
-
-def _unflatten_weights(mask, idx, keep):
-    leaves, treedef = jax.tree.flatten(mask)
-    leaves = list(leaves)
-    for i, k in zip(idx, keep):
-        leaves[i] = k.reshape(jnp.shape(leaves[i])) & leaves[i].astype(bool)
-    return jax.tree.unflatten(treedef, leaves)
 
 
 def _prepare(scores, mask, rates, scope):
     _check_scope(scope)
     masks.check(mask, scores, "mask")
     rates = masks.resolve_rates(mask, rates)
-    return _check_rates(rates, mask)
+    return counting.check_rates(rates, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("rates_l", "scope", "drop_ties"))
 def _prune_to_counts(scores, mask, counts, *, rates_l, scope, drop_ties=False):
     """The density step on weights; one compiled program per tree structure, shapes and rates."""
-    idx, items = _weight_items(scores, mask, rates_l)
-    keep = _to_counts(items, [rates_l[i] for i in idx], scope, counts, drop_ties)
-    return _unflatten_weights(mask, idx, keep)
+    idx, items = selection.weight_items(scores, mask, rates_l)
+    keep = selection.to_counts(items, [rates_l[i] for i in idx], scope, counts, drop_ties)
+    return selection.unflatten_weights(mask, idx, keep)
 
 
 def _weight_counts(density, exact, mask, rates_l, scope, count_rule="exact"):
@@ -404,14 +100,14 @@ def _weight_counts(density, exact, mask, rates_l, scope, count_rule="exact"):
     shapes = tuple(tuple(np.shape(m)) for m, r in zip(jax.tree.leaves(mask), rates_l) if r > 0)
     sizes = [math.prod(s) for s in shapes]
     if scope in ("uniform", "erk"):
-        total = _density_counts(density, exact, [sum(sizes)])[0]
+        total = counting.density_counts(density, exact, [sum(sizes)])[0]
         if exact is not None:
-            return np.asarray(_allocate(int(total), shapes, scope), np.int32)
-        return _allocate_on_device(total, shapes, scope)
+            return np.asarray(counting.allocate(int(total), shapes, scope), np.int32)
+        return counting.allocate_on_device(total, shapes, scope)
     sizes = [sum(sizes)] if scope == "global" else sizes
     if count_rule == "synflow":
-        return _synflow_keep(density, exact, sizes)
-    return _density_counts(density, exact, sizes)
+        return count_rules.synflow_keep(density, exact, sizes)
+    return counting.density_counts(density, exact, sizes)
 
 
 def keep_counts(mask: PyTree, density, *, scope: str = "global", rates: PyTree | None = None,
@@ -419,40 +115,25 @@ def keep_counts(mask: PyTree, density, *, scope: str = "global", rates: PyTree |
     """The kept counts `to_density` selects with, for a Python density: [K] in global scope,
     one per prunable leaf (in leaf order) otherwise; synflow: N - int((1 - d) * N). For code that
     precomputes counts on the host (AGP) and prunes with them later."""
-    exact = _check_density(density)
+    exact = counting.check_density(density)
     if exact is None:
         raise ValueError("keep_counts needs a Python density (it counts on the host)")
     _check_scope(scope)
-    rates_l = _check_rates(masks.resolve_rates(mask, rates), mask)
-    _check_rule(count_rule, scope, rates_l, None, mask)
+    rates_l = counting.check_rates(masks.resolve_rates(mask, rates), mask)
+    count_rules.check_rule(count_rule, scope, rates_l, None, mask)
     if count_rule == "openlth":
         raise ValueError("count_rule='openlth' counts from the alive weights: no static counts")
     return _weight_counts(density, exact, mask, rates_l, scope, count_rule)
 
 
-def _reference_step(scores, mask, value, *, rates_l, basis_l, scope, rule, mode):
-    """A 'synflow' remove_fraction or an 'openlth' step: counts from the alive weights, taken in
-    the reference's float64 arithmetic on the host (`_host_keep`), then ties dropped."""
-    idx, items = _weight_items(scores, mask, rates_l)
-    m_leaves = jax.tree.leaves(mask)
-    alive = jnp.stack([jnp.sum(a, dtype=jnp.int32) for _, a, _ in items])
-    basis, sizes = alive, tuple(int(np.size(m_leaves[i])) for i in idx)
-    if scope == "global":
-        counted = [i for i, b in enumerate(basis_l) if b > 0]
-        alive = jnp.sum(alive, keepdims=True)
-        basis = sum((jnp.sum(jnp.asarray(m_leaves[i], bool), dtype=jnp.int32) for i in counted),
-                    jnp.int32(0))[None]
-        sizes = (sum(int(np.size(m_leaves[i])) for i in counted),)
-    host = functools.partial(_host_keep, rule, mode, sizes)
-    keep = jax.pure_callback(host, jax.ShapeDtypeStruct(alive.shape, jnp.int32), value, alive,
-                             basis, vmap_method="sequential")
-    target = keep[0] if scope == "global" else [keep[k] for k in range(len(idx))]
-    out = _finish(items, [1.0] * len(idx), scope, {}, target, drop_ties=True)
-    return _unflatten_weights(mask, idx, out)
-
-
-_reference_prune = functools.partial(jax.jit, static_argnames=(
-    "rates_l", "basis_l", "scope", "rule", "mode"))(_reference_step)
+def to_counts(scores: PyTree, mask: PyTree, counts, *, scope: str = "global",
+              rates: PyTree | None = None) -> PyTree:
+    """Keep precomputed `counts` of the highest-scoring alive prunable weights: `to_density`'s
+    selection with the counts `keep_counts` returns ([K] global, one per prunable leaf
+    otherwise) instead of a density. `counts` may be traced, so code that fixes its counts on the
+    host once (AGP's schedule) can prune with them inside a compiled loop."""
+    rates_l = _prepare(scores, mask, rates, scope)
+    return _prune_to_counts(scores, mask, counts, rates_l=tuple(rates_l), scope=scope)
 
 
 def to_density(scores: PyTree, mask: PyTree, density, *, scope: str = "global",
@@ -472,12 +153,13 @@ def to_density(scores: PyTree, mask: PyTree, density, *, scope: str = "global",
     `allow_collapse=False` raises ValueError if a prunable leaf ends up empty (needs concrete
     values: not under jit).
     """
-    exact = _check_density(density)
+    exact = counting.check_density(density)
     rates_l = _prepare(scores, mask, rates, scope)
-    basis_l = _check_rule(count_rule, scope, rates_l, count_basis, mask)
+    basis_l = count_rules.check_rule(count_rule, scope, rates_l, count_basis, mask)
     if count_rule == "openlth":
-        out = _reference_prune(scores, mask, _host_value(density, exact), rates_l=tuple(rates_l),
-                               basis_l=basis_l, scope=scope, rule="openlth", mode="density")
+        out = count_rules.reference_prune(
+            scores, mask, count_rules.host_value(density, exact), rates_l=tuple(rates_l),
+            basis_l=basis_l, scope=scope, rule="openlth", mode="density")
     else:
         counts = _weight_counts(density, exact, mask, rates_l, scope, count_rule)
         out = _prune_to_counts(scores, mask, counts, rates_l=tuple(rates_l), scope=scope,
@@ -499,20 +181,21 @@ def remove_fraction(scores: PyTree, mask: PyTree, fraction, *, scope: str = "glo
     `to_density`); 'synflow' applies Synaptic-Flow's mask rule to the alive weights: int(fraction
     * alive) of them go, plus ties, none when that is < 1.
     """
-    exact = _check_fraction(fraction)
+    exact = counting.check_fraction(fraction)
     rates_l = _prepare(scores, mask, rates, scope)
-    basis_l = _check_rule(count_rule, scope, rates_l, count_basis, mask)
+    basis_l = count_rules.check_rule(count_rule, scope, rates_l, count_basis, mask)
     if count_rule != "exact":
-        out = _reference_prune(scores, mask, _host_value(fraction, exact), rates_l=tuple(rates_l),
-                               basis_l=basis_l, scope=scope, rule=count_rule, mode="fraction")
+        out = count_rules.reference_prune(
+            scores, mask, count_rules.host_value(fraction, exact), rates_l=tuple(rates_l),
+            basis_l=basis_l, scope=scope, rule=count_rule, mode="fraction")
         return _maybe_refuse_collapse(out, rates, allow_collapse)
     fits, pq = None, None
     if exact is not None:
         # Slot 0: the total (fraction, bound N); slot 1 + k: prunable leaf k (rate * fraction).
         sizes = [int(np.size(m)) for m, r in zip(jax.tree.leaves(mask), rates_l) if r > 0]
-        factors = [exact] + [_exact_rate(r) * exact for r in rates_l if r > 0]
+        factors = [exact] + [counting.exact_rate(r) * exact for r in rates_l if r > 0]
         bounds = [sum(sizes)] + sizes
-        fits = tuple(2 * f.numerator * b + f.denominator <= _INT32_MAX
+        fits = tuple(2 * f.numerator * b + f.denominator <= counting.INT32_MAX
                      for f, b in zip(factors, bounds))
         pq = np.asarray([(f.numerator, f.denominator) if ok else (0, 1)
                          for f, ok in zip(factors, fits)], np.int32)
@@ -524,7 +207,7 @@ def remove_fraction(scores: PyTree, mask: PyTree, fraction, *, scope: str = "glo
 def _remove(scores, mask, fraction, pq, *, rates_l, scope, fits):
     """remove_fraction's body. `fits[j]`: slot j's factor is the exact ratio pq[j] (integer
     arithmetic); otherwise (or with `fits` None, a traced fraction) it is multiplied in float32."""
-    idx, items = _weight_items(scores, mask, rates_l)
+    idx, items = selection.weight_items(scores, mask, rates_l)
     rates_p = [rates_l[i] for i in idx]
     alive_n = [jnp.sum(a, dtype=jnp.int32) for _, a, _ in items]
 
@@ -545,19 +228,14 @@ def _remove(scores, mask, fraction, pq, *, rates_l, scope, fits):
         target = total - removed(0, 1.0, total)
     if scope in ("uniform", "erk"):
         shapes = tuple(tuple(np.shape(jax.tree.leaves(mask)[i])) for i in idx)
-        counts = _allocate_on_device(target, shapes, scope)
+        counts = counting.allocate_on_device(target, shapes, scope)
         target = [counts[k] for k in range(len(idx))]
-    keep = _finish(items, rates_p, scope, q_keep, target)
-    return _unflatten_weights(mask, idx, keep)
+    keep = selection.finish(items, rates_p, scope, q_keep, target)
+    return selection.unflatten_weights(mask, idx, keep)
 
 
 # ----------------------------------------------------------------------------------------------
 # Iterative pruning at initialization (SynFlow-style), all rounds in one compiled program.
-
-# Synaptic-Flow's `prune_loop` densities for round r of R (0-based), in its float arithmetic.
-_SYNFLOW_SCHEDULES = {"exponential": lambda d, r, R: d ** ((r + 1) / R),
-                      "linear": lambda d, r, R: 1.0 - (1.0 - d) * ((r + 1) / R)}
-
 
 @functools.partial(jax.jit, static_argnames=("scorer", "scope", "rates_l", "rule", "basis_l"))
 def _iterate(scorer, scope, rates_l, params, mask, inputs, counts, rule="exact", basis_l=None):
@@ -565,8 +243,8 @@ def _iterate(scorer, scope, rates_l, params, mask, inputs, counts, rule="exact",
     def body(r, m):
         s = scorer(params, m, inputs)
         if rule == "openlth":
-            return _reference_step(s, m, counts[r], rates_l=rates_l, basis_l=basis_l, scope=scope,
-                                   rule=rule, mode="density")
+            return count_rules.reference_step(s, m, counts[r], rates_l=rates_l, basis_l=basis_l,
+                                              scope=scope, rule=rule, mode="density")
         return _prune_to_counts(s, m, counts[r], rates_l=rates_l, scope=scope,
                                 drop_ties=rule == "synflow")
     return jax.lax.fori_loop(0, counts.shape[0], body, mask)
@@ -587,27 +265,28 @@ def iterative(scorer: Callable, params: PyTree, mask: PyTree, inputs: Any, densi
     those of Synaptic-Flow's `prune_loop` (d**((r + 1) / R), or 1.0 - (1.0 - d) * ((r + 1) / R)
     for linear) in its float64 arithmetic, the last round included.
     """
-    exact = _check_density(density)
+    exact = counting.check_density(density)
     if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 1:
         raise ValueError(f"rounds must be a Python int >= 1, got {rounds!r}")
     sched = schedules.get(schedule)
     _check_scope(scope)
     masks.check(mask, params, "mask")
-    rates_l = _check_rates(masks.resolve_rates(mask, rates), mask)
-    basis_l = _check_rule(count_rule, scope, rates_l, count_basis, mask)
+    rates_l = counting.check_rates(masks.resolve_rates(mask, rates), mask)
+    basis_l = count_rules.check_rule(count_rule, scope, rates_l, count_basis, mask)
     rounds = int(rounds)
-    if count_rule == "synflow" and exact is not None and schedule in _SYNFLOW_SCHEDULES:
-        targets = [_SYNFLOW_SCHEDULES[schedule](float(density), r, rounds) for r in range(rounds)]
+    if count_rule == "synflow" and exact is not None and schedule in count_rules.SYNFLOW_SCHEDULES:
+        targets = [count_rules.SYNFLOW_SCHEDULES[schedule](float(density), r, rounds)
+                   for r in range(rounds)]
     else:
         targets = sched(density, rounds)
     if count_rule == "openlth":
         if exact is not None:
-            counts = np.stack([_f64_bits(d) for d in np.asarray(targets)[:-1]]
-                              + [_f64_bits(density)])
+            counts = np.stack([count_rules.f64_bits(d) for d in np.asarray(targets)[:-1]]
+                              + [count_rules.f64_bits(density)])
         else:
             counts = jnp.asarray(targets, jnp.float32)
     elif exact is not None:
-        counts = np.stack([_weight_counts(float(d), _static(float(d)), mask, rates_l, scope,
+        counts = np.stack([_weight_counts(float(d), counting.exact(float(d)), mask, rates_l, scope,
                                           count_rule) for d in np.asarray(targets)])
         if count_rule == "exact":
             # The last round must hit the same count as to_density(density) exactly.
@@ -656,7 +335,7 @@ def unit_scores(params_or_scores: PyTree, rates: PyTree | None = None,
     the 'sum' of per-weight scores. Non-prunable leaves give zeros of shape (last axis,)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
-    rates_l = _check_rates(masks.resolve_rates(params_or_scores, rates), params_or_scores)
+    rates_l = counting.check_rates(masks.resolve_rates(params_or_scores, rates), params_or_scores)
     reduce = {"l1": lambda x, ax: jnp.sum(jnp.abs(x), ax),
               "l2": lambda x, ax: jnp.sqrt(jnp.sum(jnp.square(x), ax)),
               "sum": lambda x, ax: jnp.sum(x, ax)}[norm]
@@ -676,10 +355,10 @@ def units_to_density(unit_scores: PyTree, mask: PyTree, density, *, scope: str =
     """Zero whole output units (every weight of a unit) so the prunable weight density is about
     `density`: see the section comment above for how the counts are taken. A unit is alive while
     any of its weights is; kept units keep their current mask, removed ones never come back."""
-    exact = _check_density(density)
+    exact = counting.check_density(density)
     _check_scope(scope)
-    rates_l = _check_rates(masks.resolve_rates(mask, rates), mask)
-    _check_rule("exact", scope, rates_l, None, mask)
+    rates_l = counting.check_rates(masks.resolve_rates(mask, rates), mask)
+    count_rules.check_rule("exact", scope, rates_l, None, mask)
     _check_unit_shapes(unit_scores, mask, rates_l)
     m_leaves = jax.tree.leaves(mask)
     idx = [i for i, r in enumerate(rates_l) if r > 0]
@@ -688,7 +367,8 @@ def units_to_density(unit_scores: PyTree, mask: PyTree, density, *, scope: str =
         unit = [max(1, int(np.size(m_leaves[i])) // max(1, np.shape(m_leaves[i])[-1]))
                 for i in idx]
         if exact is not None:
-            counts = np.asarray([_round_half_up(Fraction(int(k), u)) for k, u in zip(kept, unit)],
+            counts = np.asarray([counting.round_half_up(Fraction(int(k), u))
+                                 for k, u in zip(kept, unit)],
                                 np.int32)
         else:
             u = jnp.asarray(unit, jnp.int32)
@@ -698,7 +378,7 @@ def units_to_density(unit_scores: PyTree, mask: PyTree, density, *, scope: str =
             sizes = [sum(int(np.size(m_leaves[i])) for i in idx)]
         else:
             sizes = [int(np.shape(m_leaves[i])[-1]) for i in idx]
-        counts = _density_counts(density, exact, sizes)
+        counts = counting.density_counts(density, exact, sizes)
     out = _units(unit_scores, mask, counts, rates_l=tuple(rates_l), scope=scope)
     return _maybe_refuse_collapse(out, rates, allow_collapse)
 
@@ -712,7 +392,7 @@ def _units(unit_scores, mask, counts, *, rates_l, scope):
     for i in idx:
         per_unit = jnp.asarray(m_leaves[i], bool).reshape(-1, jnp.shape(m_leaves[i])[-1])
         items.append((u_leaves[i], jnp.any(per_unit, 0), jnp.sum(per_unit, 0, dtype=jnp.int32)))
-    keep = _to_counts(items, [rates_l[i] for i in idx], scope, counts)
+    keep = selection.to_counts(items, [rates_l[i] for i in idx], scope, counts)
     leaves, treedef = jax.tree.flatten(mask)
     leaves = list(leaves)
     for i, k in zip(idx, keep):

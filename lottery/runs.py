@@ -1,9 +1,9 @@
 """Read what a run saved: config, levels, masks, weights, metrics, and mask comparisons.
 
-`Run(path)` opens a run directory written by `lottery.imp` (layout in its module docstring) and
-loads everything on first use, so opening is instant and works while the run is still going:
-a level counts as complete once its DONE file exists; other level directories are listed as
-incomplete. Nothing here writes to the run directory.
+`Run(path)` opens a run directory (layout in `lottery.rundir`, which it reads through) and loads
+everything on first use, so opening is instant and works while the run is still going: a level
+counts as complete once its DONE file exists; other level directories are listed as incomplete.
+Nothing here writes to the run directory.
 
 Per level (`Run.level_info`): kept/total/density of the prunable weights, ShrinkBench's
 compression ratio (all parameters / non-zero parameters of the masked final weights) and
@@ -11,13 +11,12 @@ theoretical speedup (dense MACs / remaining MACs of the Dense and Conv layers, s
 `lottery.metrics`), best and final test accuracy, and the final accuracies of the controls.
 
 Units: density = fraction of prunable weights kept; accuracies are fractions in [0, 1].
-The `lottery inspect` and `lottery compare` commands are `add_parser` / `run` below.
+`lottery inspect` and `lottery compare` print these numbers (`lottery.report`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -26,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from lottery import checkpoints, config as config_lib, data as data_lib, masks
-from lottery import metrics as metrics_lib, models
+from lottery import metrics as metrics_lib, models, rundir
 
 PyTree = Any
 
@@ -59,9 +58,9 @@ def _check_run_dir(path: str) -> str:
         raise ValueError(f"{path!r} is a file, not a run directory")
     if not os.path.isdir(path):
         raise ValueError(f"run directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isfile(os.path.join(path, rundir.CONFIG)):
         inside = sorted(d for d in os.listdir(path)
-                        if os.path.isfile(os.path.join(path, d, "config.json")))
+                        if os.path.isfile(os.path.join(path, d, rundir.CONFIG)))
         hint = (f"; it holds run directories: {', '.join(inside[:5])}"
                 f"{' ...' if len(inside) > 5 else ''}") if inside else ""
         raise ValueError(f"{path!r} is not a run directory (no config.json){hint}")
@@ -89,17 +88,20 @@ class Run:
     @functools.cached_property
     def config(self) -> ml_collections.ConfigDict:
         """The resolved config the run was started with (config.json)."""
-        return config_lib.from_saved(read_json(os.path.join(self.path, "config.json")))
+        return config_lib.from_saved(rundir.read_json(os.path.join(self.path, rundir.CONFIG)))
 
     @functools.cached_property
     def model(self):
         """The flax model, rebuilt from the config (no data is loaded)."""
-        return config_lib.model(self.config, data_lib.num_classes(self.config.dataset))
+        return config_lib.model(self.config, data_lib.num_classes(
+            self.config.dataset, data_dir=self.config.get("data_dir") or None))
 
     @functools.cached_property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example of the run's dataset (channels-last)."""
-        return tuple(data_lib.input_shape(self.config.dataset))
+        c = self.config
+        return tuple(data_lib.input_shape(c.dataset, data_dir=c.get("data_dir") or None,
+                                          image_size=c.get("image_size") or None))
 
     @functools.cached_property
     def rates(self) -> PyTree:
@@ -142,29 +144,19 @@ class Run:
 
     # ---- levels ----
 
-    def _level_numbers(self) -> list[int]:
-        out = []
-        for name in os.listdir(self.path):
-            num = name[len("level_"):]
-            if name.startswith("level_") and num.isdigit() and \
-                    os.path.isdir(os.path.join(self.path, name)):
-                out.append(int(num))
-        return sorted(out)
-
     def level_dir(self, level: int) -> str:
-        return os.path.join(self.path, f"level_{level}")
+        return rundir.level_dir(self.path, level)
 
     @property
     def levels(self) -> list[int]:
         """Levels whose training finished (their DONE file exists)."""
-        return [lv for lv in self._level_numbers()
-                if os.path.exists(os.path.join(self.level_dir(lv), "DONE"))]
+        return rundir.done_levels(self.path)
 
     @property
     def incomplete_levels(self) -> list[int]:
         """Level directories without a DONE file: in progress, interrupted or half-written."""
         done = set(self.levels)
-        return [lv for lv in self._level_numbers() if lv not in done]
+        return [lv for lv in rundir.levels(self.path) if lv not in done]
 
     def _what_exists(self) -> str:
         return (f"complete levels: {format_levels(self.levels)}; "
@@ -233,15 +225,15 @@ class Run:
         """The level's evaluation records ({'step', 'train_loss', 'test_loss', 'test_accuracy'});
         partial for a level still training."""
         level = self.check_level(level, complete=False)
-        return read_jsonl(os.path.join(self.level_dir(level), "metrics.jsonl"),
-                           complete=level in self.levels)
+        return rundir.read_jsonl(os.path.join(self.level_dir(level), rundir.METRICS),
+                                 complete=level in self.levels)
 
     # ---- controls ----
 
     def controls(self, level: int) -> list[str]:
         """Names ('reinit_s0', 'random_prune_s1', ...) of the finished controls of a level."""
         cdir = os.path.join(self.level_dir(self.check_level(level)), "controls")
-        if not os.path.exists(os.path.join(cdir, "DONE")):
+        if not rundir.is_done(cdir):
             return []
         return sorted(d for d in os.listdir(cdir) if os.path.isdir(os.path.join(cdir, d)))
 
@@ -260,8 +252,8 @@ class Run:
 
     def control_metrics(self, level: int, name: str) -> list[dict]:
         """The evaluation records of control `name` of `level`."""
-        return read_jsonl(os.path.join(self._control_dir(level, name), "metrics.jsonl"),
-                           complete=True)
+        return rundir.read_jsonl(os.path.join(self._control_dir(level, name), rundir.METRICS),
+                                 complete=True)
 
     # ---- summaries ----
 
@@ -294,7 +286,7 @@ class Run:
         kept, total = sum(k for k, _ in counts.values()), sum(t for _, t in counts.values())
         recs = [r for r in self.metrics(level) if "test_accuracy" in r]
         if not recs:
-            raise ValueError(f"{os.path.join(self.level_dir(level), 'metrics.jsonl')} has no "
+            raise ValueError(f"{os.path.join(self.level_dir(level), rundir.METRICS)} has no "
                              f"evaluation records, but level {level} is marked done; "
                              f"{self._what_exists()}")
         best = max(recs, key=lambda r: r["test_accuracy"])  # first maximum: earliest step
@@ -320,7 +312,7 @@ class Run:
         """Complete levels whose controls started but did not finish."""
         return [lv for lv in self.levels
                 if os.path.isdir(os.path.join(self.level_dir(lv), "controls"))
-                and not os.path.exists(os.path.join(self.level_dir(lv), "controls", "DONE"))]
+                and not rundir.is_done(os.path.join(self.level_dir(lv), "controls"))]
 
     def progress(self, level: int) -> dict:
         """What an incomplete level has so far: {'level', 'has_mask', 'last_step',
@@ -331,39 +323,6 @@ class Run:
                 "has_mask": checkpoints.exists(os.path.join(self.level_dir(level), "mask")),
                 "last_step": recs[-1]["step"] if recs else None,
                 "test_accuracy": recs[-1]["test_accuracy"] if recs else None}
-
-
-def read_json(path: str) -> Any:
-    """The JSON value in `path`; ValueError naming the file if it is not valid JSON."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
-                         f"{e.colno}); it was damaged or edited") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON (not UTF-8 text: {e.reason})") from None
-
-
-def read_jsonl(path: str, *, complete: bool = False) -> list[dict]:
-    """The records of a JSON-lines file ([] if it does not exist). The last line of a file still
-    being written (`complete` False) may be cut short by an interrupted write: it is dropped.
-    Any other invalid line, and a cut line in a finished file, is a ValueError naming the file."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            out.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if i == len(lines) - 1 and not complete:
-                break  # cut short by an interrupted write: everything before it is valid
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-            raise ValueError(f"{path}: record {i + 1} of {len(lines)} is not valid JSON "
-                             f"({msg}); the file was cut short or damaged") from None
-    return out
 
 
 # ---- mask comparison ----
@@ -408,180 +367,3 @@ def control_overlap(run: Run, level: int) -> dict[str, dict[str, dict]]:
     ticket = run.mask(level)
     return {name: compare_masks(ticket, run.control_mask(level, name), run.rates)
             for name in run.controls(level)}
-
-
-# ---- text tables ----
-
-def format_table(rows: list[dict]) -> str:
-    """Levels table: density, compression, speedup, best/final accuracy, control means."""
-    kinds = sorted({k for r in rows for k in r["controls"]})
-    head = (f"{'level':>5}  {'density':>8}  {'compression':>11}  {'speedup':>8}  "
-            f"{'best acc':>8}  {'at step':>7}  {'final acc':>9}")
-    head += "".join(f"  {k:>12}" for k in kinds)
-    lines = [head]
-    for r in rows:
-        line = (f"{r['level']:>5}  {r['density']:>8.4f}  {r['compression_ratio']:>11.4f}  "
-                f"{r['theoretical_speedup']:>8.4f}  {r['best_accuracy']:>8.4f}  "
-                f"{r['best_step']:>7}  {r['final_accuracy']:>9.4f}")
-        for k in kinds:
-            v = r["controls"].get(k)
-            line += f"  {float(np.mean(v)):>12.4f}" if v else f"  {'':>12}"
-        lines.append(line)
-    if kinds:
-        lines.append("(control columns: final test accuracy, mean over control seeds)")
-    return "\n".join(lines)
-
-
-def format_layers(info: dict, layers: list[dict]) -> str:
-    """One level's header line and per-layer table: kept, total, density, MACs."""
-    width = max([len("layer"), len("total")] + [len(r["layer"]) for r in layers])
-    lines = [f"level {info['level']}: density {info['density']:.4f}, compression "
-             f"{info['compression_ratio']:.4f}, theoretical speedup "
-             f"{info['theoretical_speedup']:.4f}, best acc {info['best_accuracy']:.4f} at step "
-             f"{info['best_step']}, final acc {info['final_accuracy']:.4f}",
-             f"{'layer':<{width}}  {'kept':>10}  {'total':>10}  {'density':>8}  {'MACs':>12}  "
-             f"{'remaining MACs':>14}"]
-    for r in layers:
-        macs = (f"{r['macs']:>12,.0f}  {r['remaining_macs']:>14,.0f}" if "macs" in r
-                else f"{'':>12}  {'':>14}")
-        lines.append(f"{r['layer']:<{width}}  {r['kept']:>10,}  {r['total']:>10,}  "
-                     f"{r['density']:>8.4f}  {macs}")
-    lines.append(f"{'total':<{width}}  {info['kept']:>10,}  {info['total']:>10,}  "
-                 f"{info['density']:>8.4f}")
-    for kind, accs in sorted(info["controls"].items()):
-        lines.append(f"control {kind}: final acc " + ", ".join(f"{a:.4f}" for a in accs)
-                     + f" (mean {float(np.mean(accs)):.4f})")
-    return "\n".join(lines)
-
-
-def format_comparison(result: dict[str, dict], title: str) -> str:
-    """Per-layer overlap table of `compare_masks`."""
-    width = max(len(p) for p in result)
-    lines = [title, f"{'layer':<{width}}  {'jaccard':>8}  {'survival':>8}  {'kept A':>10}  "
-                    f"{'kept B':>10}  {'both':>10}"]
-    for p, r in result.items():
-        lines.append(f"{p:<{width}}  {r['jaccard']:>8.4f}  {r['survival']:>8.4f}  "
-                     f"{r['kept_a']:>10,}  {r['kept_b']:>10,}  {r['both']:>10,}")
-    return "\n".join(lines)
-
-
-def _describe(run: Run) -> str:
-    c = run.config
-    if c.experiment in ("agp", "oneshot"):
-        from lottery import gradual  # noqa: PLC0415
-
-        return f"run {run.path}\n({gradual.describe(c)})"
-    return (f"run {run.path}\n({c.model} on {c.dataset}, seed {c.seed}, rewind {c.rewind}"
-            f"{' at ' + str(c.rewind_step) if c.rewind in ('iteration', 'lr') else ''}, "
-            f"{c.scope} {c.scorer} pruning of fraction {c.fraction} per level)")
-
-
-def _incomplete_lines(run: Run) -> list[str]:
-    lines = []
-    for lv in run.incomplete_levels:
-        p = run.progress(lv)
-        if p["last_step"] is None:
-            lines.append(f"level {lv}: incomplete (mask {'saved' if p['has_mask'] else 'missing'}"
-                         f", no evaluation yet)")
-        else:
-            lines.append(f"level {lv}: incomplete (last evaluation at step {p['last_step']}: "
-                         f"test accuracy {p['test_accuracy']:.4f})")
-    for lv in run.incomplete_controls:
-        lines.append(f"level {lv}: controls incomplete (training or interrupted)")
-    return lines
-
-
-# ---- command line ----
-
-def add_parser(subparsers) -> None:
-    """Register `lottery inspect` and `lottery compare` (both handled by `run`)."""
-    p = subparsers.add_parser(
-        "inspect", help="levels of a run: density, compression, speedup, accuracies",
-        description="Show what a run directory holds: one line per complete level (density, "
-                    "compression ratio, theoretical speedup, best and final test accuracy, "
-                    "control accuracies) and the levels still incomplete.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--level", type=int, default=None, metavar="N",
-                   help="show the per-layer table of level N")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    c = subparsers.add_parser(
-        "compare", help="per-layer mask overlap of two runs (or two levels)",
-        description="Per-layer Jaccard overlap |A & B| / |A | B| and survival |A & B| / |A| of "
-                    "the masks of RUN_A and RUN_B, level by level (levels present in both), or "
-                    "of RUN_A's level N and RUN_B's level M.")
-    c.add_argument("run_a", metavar="RUN_A")
-    c.add_argument("run_b", metavar="RUN_B")
-    c.add_argument("--level", type=int, default=None, metavar="N", help="RUN_A's level")
-    c.add_argument("--level-b", type=int, default=None, metavar="M",
-                   help="RUN_B's level (default: N)")
-    c.add_argument("--json", action="store_true", help="print machine-readable JSON")
-
-
-def run(args, overrides=()) -> int:
-    """Handler of `lottery inspect` and `lottery compare`; prints to stdout, returns 0."""
-    if overrides:
-        raise ValueError(f"lottery {args.command} takes no --config.<field> overrides "
-                         f"(got {', '.join('--config.' + o for o in overrides)})")
-    if args.command == "inspect":
-        print(inspect_text(args.run_dir, args.level, as_json=args.json))
-    elif args.command == "compare":
-        print(compare_text(args.run_a, args.run_b, args.level, args.level_b, as_json=args.json))
-    else:
-        raise ValueError(f"command {args.command!r}: expected 'inspect' or 'compare'")
-    return 0
-
-
-def inspect_text(run_dir: str, level: int | None = None, *, as_json: bool = False) -> str:
-    """What `lottery inspect` prints."""
-    r = Run(run_dir)
-    if level is not None:
-        r.check_level(level)
-    rows = r.table()
-    if as_json:
-        out = {"run_dir": r.path, "config": r.config.to_dict(), "levels": rows,
-               "incomplete_levels": [r.progress(lv) for lv in r.incomplete_levels],
-               "incomplete_controls": r.incomplete_controls}
-        if level is not None:
-            out["level"] = level
-            out["layers"] = r.layers(level)
-        return json.dumps(out, indent=2)
-    parts = [_describe(r)]
-    parts.append(format_table(rows) if rows else "no complete level yet")
-    parts += _incomplete_lines(r)
-    if level is not None:
-        info = next((row for row in rows if row["level"] == level), None) or r.level_info(level)
-        parts += ["", format_layers(info, r.layers(level))]
-    return "\n".join(parts)
-
-
-def compare_text(run_a: str, run_b: str, level: int | None = None, level_b: int | None = None,
-                 *, as_json: bool = False) -> str:
-    """What `lottery compare` prints."""
-    a, b = Run(run_a), Run(run_b)
-    if level is None and level_b is not None:
-        raise ValueError("--level-b needs --level (RUN_A's level)")
-    if level is None:
-        pairs = [(lv, lv) for lv in a.levels if lv in b.levels]
-        if not pairs:
-            raise ValueError(f"RUN_A and RUN_B have no complete level in common (RUN_A: "
-                             f"{format_levels(a.levels)}; RUN_B: {format_levels(b.levels)})")
-    else:
-        pairs = [(a.check_level(level, complete=False),
-                  b.check_level(level if level_b is None else level_b, complete=False))]
-    results = [(la, lb, compare_runs(a, b, la, lb)) for la, lb in pairs]
-    if as_json:
-        return json.dumps({"run_a": a.path, "run_b": b.path,
-                           "comparisons": [{"level_a": la, "level_b": lb, "layers": res}
-                                           for la, lb, res in results]}, indent=2)
-    lines = [f"A = {a.path}", f"B = {b.path}"]
-    if len(results) == 1:
-        la, lb, res = results[0]
-        lines += ["", format_comparison(res, f"A level {la} vs B level {lb}")]
-        return "\n".join(lines)
-    names = list(results[0][2])
-    width = max(8, *(len(n) for n in names))
-    lines += ["", "Jaccard overlap |A & B| / |A | B| per layer, level by level",
-              f"{'level':>5}" + "".join(f"  {n:>{width}}" for n in names)]
-    for la, _, res in results:
-        lines.append(f"{la:>5}" + "".join(f"  {res[n]['jaccard']:>{width}.4f}" for n in names))
-    return "\n".join(lines)

@@ -17,6 +17,10 @@ Data parallelism: with `Trainer(mesh=lottery.distributed.data_mesh(...))` every 
 over the mesh's 'batch' axis and state and mask are replicated; the step is the same jitted
 function and XLA inserts the gradient all-reduce. Replicas compose with it: the replica axis is
 not sharded, every device trains all K replicas on its share of each batch.
+
+Masks that change during training (AGP): a `MaskUpdate` runs inside the compiled step, before
+every step, with the mask in the carry of the on-device epoch; its arguments (e.g. the schedule)
+are traced, so one compiled program serves a whole run. Every experiment trains through `train`.
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lottery import distributed
+from lottery import batches, distributed
 from lottery import masks as masks_lib
+# Re-exported: the choices a Trainer is built from (lottery.optim and lottery.batches hold them).
+from lottery.batches import AUGMENTATIONS, SAMPLINGS  # noqa: F401
+from lottery.optim import LR_SCHEDULES, OPTIMIZERS, learning_rate, optimizer  # noqa: F401
 
 PyTree = Any
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("constant", "step", "cosine")
 
 
 class DivergenceError(ValueError):
@@ -59,54 +63,6 @@ class TrainState(flax.struct.PyTreeNode):
     batch_stats: PyTree
     opt_state: PyTree
     key: jax.Array  # raw uint32 key data: data order and augmentation derive from it
-
-
-def learning_rate(lr: float, *, schedule: str = "constant", total_steps: int | None = None,
-                  warmup_steps: int = 0, milestones: Sequence[int] = (), gamma: float = 0.1):
-    """An optax schedule: constant, step decay by `gamma` at `milestones` (iterations) or cosine,
-    after a linear warmup of `warmup_steps`."""
-    if not lr > 0:
-        raise ValueError(f"lr={lr}: the learning rate must be > 0")
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: expected one of {LR_SCHEDULES}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0")
-    if schedule == "constant":
-        main = optax.constant_schedule(lr)
-    elif schedule == "step":
-        main = optax.piecewise_constant_schedule(lr, {int(m): gamma for m in milestones})
-    else:
-        if not total_steps:
-            raise ValueError("schedule='cosine' needs total_steps > 0")
-        main = optax.cosine_decay_schedule(lr, max(1, total_steps - warmup_steps))
-    if schedule == "step" and warmup_steps:
-        # milestones count from step 0, also during warmup
-        warm = optax.linear_schedule(0.0, lr, warmup_steps)
-        return lambda t: jnp.where(t < warmup_steps, warm(t), main(t))
-    if warmup_steps:
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main],
-                                    [warmup_steps])
-    return main
-
-
-def optimizer(name: str = "sgd", lr=0.1, *, momentum: float = 0.0, nesterov: bool = False,
-              weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """SGD (with optional momentum / Nesterov), Adam or AdamW; `lr` a float or an optax schedule.
-
-    SGD and Adam apply `weight_decay` as L2 added to the gradient (as PyTorch and OpenLTH do);
-    AdamW decouples it.
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer={name!r}: expected one of {OPTIMIZERS}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay}: must be >= 0")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum={momentum}: must be in [0, 1)")
-    if name == "adamw":
-        return optax.adamw(lr, weight_decay=weight_decay)
-    inner = (optax.sgd(lr, momentum=momentum or None, nesterov=nesterov) if name == "sgd"
-             else optax.adam(lr))
-    return optax.chain(optax.add_decayed_weights(weight_decay), inner) if weight_decay else inner
 
 
 def init_state(variables: PyTree, tx: optax.GradientTransformation, key: jax.Array,
@@ -130,22 +86,6 @@ def cross_entropy(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def augment_cifar(key, x):
-    """Random crop with 4-pixel zero padding and random horizontal flip, per example, on device."""
-    n, h, w, _ = x.shape
-    k1, k2, k3 = jax.random.split(key, 3)
-    padded = jnp.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
-    dy = jax.random.randint(k1, (n,), 0, 9)
-    dx = jax.random.randint(k2, (n,), 0, 9)
-    crop = jax.vmap(lambda im, a, b: jax.lax.dynamic_slice(im, (a, b, 0), (h, w, im.shape[-1])))
-    x = crop(padded, dy, dx)
-    flip = jax.random.bernoulli(k3, 0.5, (n,))
-    return jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
-
-
-AUGMENTATIONS: dict[str, Callable | None] = {"none": None, "cifar": augment_cifar}
-
-
 class Trainer(NamedTuple):
     """The static pieces of training: model, optimizer, batch size, augmentation, loop kind.
 
@@ -160,7 +100,7 @@ class Trainer(NamedTuple):
     augment: str = "none"
     loop: str = "auto"  # 'scan' (whole epoch on device), 'steps' (one jitted step per iteration)
     mesh: Any = None  # jax.sharding.Mesh | None
-    sampling: str = "epochs"  # 'epochs' (a permutation per epoch) | 'random' (see epoch_order)
+    sampling: str = "epochs"  # 'epochs' (a permutation per epoch) | 'random' (independent)
 
     def steps_per_epoch(self, n: int) -> int:
         if self.batch_size > n:
@@ -189,6 +129,20 @@ def _loss(trainer: Trainer, params, batch_stats, x, y):
     return cross_entropy(trainer.model.apply(variables, x, train=True), y), batch_stats
 
 
+class MaskUpdate(NamedTuple):
+    """A change of the mask inside training: before every step, `state, mask = fn(args, state,
+    mask)`, where `state.step` is the step about to run (AGP prunes at scheduled steps).
+
+    `fn` is pure and jittable and part of the compiled program (cached by identity: one function
+    object, one compilation); `args` is a pytree of arrays passed to it as a traced argument, so
+    new values (another schedule) reuse the program. With replicas, all replicas share `args`.
+    `fn` must keep pruned weights at 0.0 (mask them when it prunes): the step masks only updates.
+    """
+
+    fn: Callable[[PyTree, TrainState, PyTree], tuple[TrainState, PyTree]]
+    args: PyTree = None
+
+
 def train_step(trainer: Trainer, state: TrainState, mask: PyTree, x, y):
     """One masked SGD step (pure): returns (new state, training loss on the batch)."""
     if trainer.augment != "none":
@@ -203,75 +157,81 @@ def train_step(trainer: Trainer, state: TrainState, mask: PyTree, x, y):
                          opt_state=opt_state), loss
 
 
-SAMPLINGS = ("epochs", "random")
+def update_step(trainer: Trainer, update: MaskUpdate | None, state: TrainState, mask: PyTree,
+                x, y):
+    """`update` (if any), then `train_step` under the updated mask: (state, mask, loss)."""
+    if update is not None:
+        state, mask = update.fn(update.args, state, mask)
+    state, loss = train_step(trainer, state, mask, x, y)
+    return state, mask, loss
 
 
-def epoch_order(key, epoch, n: int, batch_size: int, sampling: str = "epochs"):
-    """(steps_per_epoch, batch_size) example indices of `epoch`, drawn from fold_in(key, epoch).
-
-    'epochs': a permutation per epoch (every example once, the usual data loader). 'random': every
-    step's batch drawn independently and uniformly with replacement, as the MNIST-1D reference
-    code samples `randint(0, n, batch_size)` per step (an "epoch" is then just n // batch_size
-    steps).
-    """
-    k = jax.random.fold_in(jax.random.wrap_key_data(key), epoch)
-    spe = n // batch_size
-    if sampling == "random":
-        return jax.random.randint(k, (spe, batch_size), 0, n)
-    if sampling != "epochs":
-        raise ValueError(f"sampling={sampling!r}: expected one of {SAMPLINGS}")
-    return jax.random.permutation(k, n)[: spe * batch_size].reshape(spe, batch_size)
-
-
-def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, stop):
+def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, stop,
+              update: MaskUpdate | None = None):
     """Steps `start` to `stop` (positions within the current epoch) as one compiled `lax.scan`.
 
     Positions outside [start, stop) are skipped with `lax.cond`, so one compiled program serves
-    every segment (resume mid-epoch, stop at a rewind iteration). Returns (state, summed loss).
+    every segment (resume mid-epoch, stop at a rewind iteration). The mask rides in the carry,
+    changed by `update` (a `MaskUpdate`) before every step. Returns (state, mask, summed loss).
     """
     n = x.shape[0]
     spe = n // trainer.batch_size
-    order = epoch_order(state.key, state.step // spe, n, trainer.batch_size, trainer.sampling)
+    order = batches.epoch_order(state.key, state.step // spe, n, trainer.batch_size,
+                                trainer.sampling)
 
     def body(carry, i):
-        state, total = carry
+        state, mask, total = carry
 
-        def do(state):
+        def do(carry):
             idx = order[i]
-            new, loss = train_step(trainer, state, mask, _split(trainer.mesh, x[idx]),
-                                   _split(trainer.mesh, y[idx]))
-            return new, loss
+            return update_step(trainer, update, *carry, batches.split(trainer.mesh, x[idx]),
+                               batches.split(trainer.mesh, y[idx]))
 
-        state, loss = jax.lax.cond((i >= start) & (i < stop), do,
-                                   lambda s: (s, jnp.zeros((), jnp.float32)), state)
-        return (state, total + loss), None
+        state, mask, loss = jax.lax.cond((i >= start) & (i < stop), do,
+                                         lambda c: (*c, jnp.zeros((), jnp.float32)), (state, mask))
+        return (state, mask, total + loss), None
 
-    (state, total), _ = jax.lax.scan(body, (state, jnp.zeros((), jnp.float32)), jnp.arange(spe))
-    return state, total
-
-
-def _split(mesh, x):
-    """Inside jit: `x` split over the mesh's 'batch' axis along its first axis (no-op without)."""
-    if mesh is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, distributed.batch_sharding(mesh))
+    (state, mask, total), _ = jax.lax.scan(body, (state, mask, jnp.zeros((), jnp.float32)),
+                                           jnp.arange(spe))
+    return state, mask, total
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(trainer: Trainer, replicas: bool):
-    """Jitted step, epoch and eval for a trainer; vmapped over a leading replica axis if asked."""
-    step = functools.partial(train_step, trainer)
-    epoch = functools.partial(run_epoch, trainer)
-    ev = functools.partial(_eval_sums, trainer.model, mesh=trainer.mesh)
+def _compiled(trainer: Trainer, replicas: bool, update_fn: Callable | None = None):
+    """Jitted step, epoch and eval for a trainer (and a `MaskUpdate.fn`); vmapped over a leading
+    replica axis if asked.
+
+    step(state, mask, x, y) -> (state, loss); epoch(state, mask, x, y, start, stop) -> (state,
+    mask, loss). With `update_fn` both take the update's args first and the step returns the
+    mask too: step(args, state, mask, x, y) -> (state, mask, loss).
+    """
+    if update_fn is None:
+        step, pre = functools.partial(train_step, trainer), ()
+        epoch = functools.partial(run_epoch, trainer)
+    else:
+        step = lambda args, *a: update_step(trainer, MaskUpdate(update_fn, args), *a)  # noqa: E731
+        epoch = lambda args, *a: run_epoch(  # noqa: E731
+            trainer, *a, update=MaskUpdate(update_fn, args))
+        pre = (None,)  # the update's args: shared by the replicas
     if replicas:
-        step = jax.vmap(step, in_axes=(0, 0, 0, 0))
-        epoch = jax.vmap(epoch, in_axes=(0, 0, None, None, None, None))
-        ev = jax.vmap(ev, in_axes=(0, 0, 0, None, None, None))
+        step = jax.vmap(step, in_axes=(*pre, 0, 0, 0, 0))
+        epoch = jax.vmap(epoch, in_axes=(*pre, 0, 0, None, None, None, None))
     if trainer.mesh is None:
-        return jax.jit(step), jax.jit(epoch), jax.jit(ev, static_argnums=5)
+        return jax.jit(step), jax.jit(epoch), _compiled_eval(trainer, replicas)
     out = distributed.replicated(trainer.mesh)  # every output whole on every device
     return (jax.jit(step, out_shardings=out), jax.jit(epoch, out_shardings=out),
-            jax.jit(ev, static_argnums=5, out_shardings=out))
+            _compiled_eval(trainer, replicas))
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_eval(trainer: Trainer, replicas: bool):
+    """The jitted evaluation (`_eval_sums`) for a trainer."""
+    ev = functools.partial(_eval_sums, trainer.model, mesh=trainer.mesh)
+    if replicas:
+        ev = jax.vmap(ev, in_axes=(0, 0, 0, None, None, None))
+    if trainer.mesh is None:
+        return jax.jit(ev, static_argnums=5)
+    return jax.jit(ev, static_argnums=5, out_shardings=distributed.replicated(trainer.mesh))
 
 
 def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None):
@@ -302,7 +262,7 @@ def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None):
 def evaluate(trainer: Trainer, state: TrainState, mask: PyTree, x, y, *, batch_size: int = 1000,
              replicas: bool = False) -> dict:
     """Test loss and top-1 accuracy of the masked network (arrays of shape (K,) for replicas)."""
-    _, _, ev = _compiled(trainer, replicas)
+    ev = _compiled_eval(trainer, replicas)
     bs = min(batch_size, x.shape[0])
     if trainer.mesh is None:
         x, y = jnp.asarray(x), jnp.asarray(y)
@@ -363,8 +323,9 @@ def boundaries(start: int, end: int, spe: int, eval_every: int, stops: Sequence[
 
 def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps: int,
           eval_every: int | None = None, stops: Sequence[int] = (),
-          callback: Callable[[TrainState, dict], None] | None = None, replicas: bool = False,
-          progress: bool | str = True, check_finite: bool = True) -> tuple[TrainState, list[dict]]:
+          callback: Callable[..., None] | None = None, replicas: bool = False,
+          progress: bool | str = True, check_finite: bool = True,
+          mask_update: MaskUpdate | None = None):
     """Train from `state.step` to `num_steps` under `mask`; returns (state, history).
 
     `data` has x_train, y_train, x_test, y_test (lottery.data.Dataset). The test split is
@@ -381,18 +342,23 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     eval points a non-finite weight, raises `DivergenceError` (a ValueError) before evaluating
     or calling `callback`, so a diverged state is never saved or pruned from. Cheap: the loss is
     fetched anyway, the weights take one reduction on device at eval points.
+
+    `mask_update` (a `MaskUpdate`, e.g. AGP's) changes the mask inside the compiled step before
+    every step; the mask then changes during training, so `callback(state, mask, record)` gets
+    it and the result is (state, mask, history).
     """
     n = int(data.x_train.shape[0])
     spe = trainer.steps_per_epoch(n)
     if num_steps <= 0:
         raise ValueError(f"num_steps={num_steps}: must be > 0")
+    update = () if mask_update is None else (mask_update.args,)  # the update's traced args
     mesh, rows = trainer.mesh, None
     if mesh is not None:
         distributed.check_batch(trainer.batch_size, mesh.size)
-        state, mask = distributed.replicate((state, mask), mesh)
+        state, mask, update = distributed.replicate((state, mask, update), mesh)
         rows = distributed.local_rows(mesh, trainer.batch_size)  # this process's share
     eval_every = spe if eval_every is None else int(eval_every)
-    step_fn, epoch_fn, _ = _compiled(trainer, replicas)
+    step_fn, epoch_fn, _ = _compiled(trainer, replicas, mask_update and mask_update.fn)
     start = int(np.asarray(state.step).reshape(-1)[0])
     state = state.replace(params=masks_lib.apply(state.params, mask))  # identity when resuming
     loop = trainer.resolved_loop(state.params)
@@ -410,17 +376,18 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     for stop in boundaries(start, num_steps, spe, eval_every, stops):
         a, b = pos % spe, (stop - 1) % spe + 1  # positions within the epoch of steps pos..stop-1
         if loop == "scan":
-            state, total = epoch_fn(state, mask, x_dev, y_dev, a, b)
+            state, mask, total = epoch_fn(*update, state, mask, x_dev, y_dev, a, b)
         else:
             total = 0.0
             key = state.key
-            draw = functools.partial(epoch_order, epoch=pos // spe, n=n,
+            draw = functools.partial(batches.epoch_order, epoch=pos // spe, n=n,
                                      batch_size=trainer.batch_size, sampling=trainer.sampling)
             order = np.asarray(jax.vmap(draw)(key) if replicas else draw(key))
             for i in range(a, b):
                 idx = order[:, i] if replicas else order[i]
-                xb, yb = _host_batch(data, idx, mesh, rows)
-                state, loss = step_fn(state, mask, xb, yb)
+                xb, yb = batches.host_batch(data, idx, mesh, rows)
+                state, *new, loss = step_fn(*update, state, mask, xb, yb)
+                mask = new[0] if new else mask
                 total = total + loss
         record = {"step": stop, "train_loss": np.asarray(total) / (stop - pos)}
         is_eval = stop % eval_every == 0 or stop == num_steps
@@ -438,21 +405,10 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         if "test_accuracy" in record:
             bar.set_postfix(acc=f"{np.mean(record['test_accuracy']):.4f}", refresh=False)
         if callback is not None:
-            callback(state, record)
+            callback(state, record) if mask_update is None else callback(state, mask, record)
         pos = stop
     bar.close()
-    return state, history
-
-
-def _host_batch(data, idx, mesh, rows):
-    """The training examples at `idx` ((B,) or (K, B) for replicas): this process's rows of
-    them, split over `mesh`'s devices, or all rows as host arrays without a mesh."""
-    if mesh is None:
-        return data.x_train[idx], data.y_train[idx]
-    local = idx[..., rows]
-    axis = idx.ndim - 1
-    return tuple(distributed.batch_from_local(a[local], mesh, idx.shape[-1], axis)
-                 for a in (data.x_train, data.y_train))
+    return (state, history) if mask_update is None else (state, mask, history)
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:

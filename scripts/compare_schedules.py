@@ -21,7 +21,7 @@ import sys
 
 import ml_collections
 
-from lottery import checkpoints, config as config_lib, imp
+from lottery import checkpoints, config as config_lib, rundir
 
 KINDS = {"find-ticket": "IMP, rewind to init", "oneshot": "one-shot + fine-tune",
          "agp": "AGP (Zhu & Gupta)"}
@@ -30,16 +30,16 @@ KINDS = {"find-ticket": "IMP, rewind to init", "oneshot": "one-shot + fine-tune"
 def _levels(run_dir: str) -> list[int]:
     out = [int(d.split("_")[1]) for d in os.listdir(run_dir)
            if d.startswith("level_") and d.split("_")[1].isdigit()]
-    return sorted(lv for lv in out if imp.is_done(imp.level_dir(run_dir, lv)))
+    return sorted(lv for lv in out if rundir.is_done(rundir.level_dir(run_dir, lv)))
 
 
 def _info(run_dir: str, level: int) -> dict:
-    with open(os.path.join(imp.level_dir(run_dir, level), "info.json")) as f:
+    with open(os.path.join(rundir.level_dir(run_dir, level), "info.json")) as f:
         return json.load(f)
 
 
 def _last(run_dir: str, level: int) -> dict:
-    recs = [r for r in imp.read_metrics(os.path.join(imp.level_dir(run_dir, level),
+    recs = [r for r in rundir.read_metrics(os.path.join(rundir.level_dir(run_dir, level),
                                                      "metrics.jsonl")) if "test_accuracy" in r]
     return recs[-1]
 

@@ -1,32 +1,35 @@
-"""One tiny finished IMP run, made once per test session and shared by test_runs, test_plots and
-test_instability (it is only read; tests that damage a run work on a copy)."""
+"""The tiny LeNet configs of the tests, written in one place, and one tiny finished IMP run made
+once per test session and shared by test_runs, test_plots, test_instability and test_errors (it
+is only read; tests that damage a run work on a copy)."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-TINY = '''
-from lottery.config import base
+# The recipe every tiny test run shares: LeNet-300-100 on mnist5k, batches of 100, 60 iterations
+# evaluated every 20, two pruned levels, no progress bars.
+BASE = {"dataset": "mnist5k", "model": "lenet300_100", "batch_size": 100,
+        "training_steps": "60it", "eval_every": "20it", "levels": 2, "progress": False}
 
 
-def get_config():
-    c = base()
-    c.dataset = "mnist5k"
-    c.model = "lenet300_100"
-    c.batch_size = 100
-    c.training_steps = "60it"
-    c.eval_every = "20it"
-    c.levels = 2
-    c.rewind = "iteration"
-    c.rewind_step = "20it"
-    c.controls = "reinit,random_prune"
-    c.control_levels = "2"
-    c.control_seeds = 2
-    c.progress = False
-    c.checkpoint_seconds = 1000.0
-    return c
-'''
+def tiny_config(**fields) -> str:
+    """The text of a config file: `BASE` with `fields` added or changed."""
+    lines = "".join(f"    c.{k} = {v!r}\n" for k, v in {**BASE, **fields}.items())
+    return ("from lottery.config import base\n\n\ndef get_config():\n    c = base()\n"
+            f"{lines}    return c\n")
+
+
+def write_config(path, **fields) -> str:
+    """Write `tiny_config(**fields)` to `path`; returns the path as a string."""
+    with open(path, "w") as f:
+        f.write(tiny_config(**fields))
+    return str(path)
+
+
+# The shared run: rewinding to iteration 20, controls reinit and random_prune (2 seeds) on level 2.
+TINY = tiny_config(rewind="iteration", rewind_step="20it", controls="reinit,random_prune",
+                   control_levels="2", control_seeds=2, checkpoint_seconds=1000.0)
 
 _RUN = []
 

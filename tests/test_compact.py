@@ -1,4 +1,5 @@
-"""Tests for lottery.compact: compacted model == masked model, exact units removed, refusals."""
+"""Tests for lottery.compact: compacted model == masked model, exact units removed, refusals;
+ResNet (and VGG) under channel-group masks from lottery.groups."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lottery import compact, masks, models, prune
+from lottery import compact, export, groups, masks, models, prune
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+    """Tiny models: XLA's optimizations cost more time than they save."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def _random(tree, seed, scale=0.5):
@@ -19,9 +29,9 @@ def _variables(model, shape, seed=0):
     v = dict(jax.eval_shape(lambda: models.init(model, jax.random.key(seed), shape)))
     v["params"] = _random(v["params"], seed + 1)
     if "batch_stats" in v:  # running statistics far from (0, 1), so slicing them matters
-        v["batch_stats"] = {k: {"mean": _random(d["mean"], seed + 2),
-                                "var": 0.5 + np.abs(_random(d["var"], seed + 3))}
-                            for k, d in v["batch_stats"].items()}
+        v["batch_stats"] = jax.tree_util.tree_map_with_path(
+            lambda path, x: 0.5 + np.abs(x) if path[-1].key == "var" else x,
+            _random(v["batch_stats"], seed + 2))
     return v
 
 
@@ -181,11 +191,80 @@ def test_no_removable_unit_says_so():
         compact.compact(model, v, mask)
 
 
-def test_resnet_is_refused_naming_the_residual_layers():
+def _group_mask(model, v, shape, density, scope="layerwise"):
+    g = groups.derive(model, v, jnp.zeros((1, *shape)), train=False)
+    p = v["params"]
+    mask, channels = groups.prune(g, "l1", p, masks.init(p), density, scope=scope)
+    return g, mask, channels
+
+
+def test_resnet20_at_half_the_channels_compacts_to_the_same_function():
+    model = models.create("resnet20")
+    v = _variables(model, (8, 8, 3))
+    g, mask, channels = _group_mask(model, v, (8, 8, 3), 0.5)
+    c = _check_same(model, v, mask, _x((16, 16, 3), 2))
+    assert type(c.model) is compact.SlimResNet
+    assert c.model.widths == (8, 16, 32) and c.model.inner == (8,) * 3 + (16,) * 3 + (32,) * 3
+    before = models.flat_param_count(v["params"])
+    after = models.flat_param_count(c.variables["params"])
+    assert after < 0.3 * before  # about a quarter: both axes of most kernels halve
+    # every producer of a coupled group keeps the same channels, and the batch norms with it
+    stage2 = g[g.index("stage2_block0/conv2")[0]]
+    kept = np.flatnonzero(np.asarray(channels[g.index("stage2_block0/conv2")[0]]))
+    for layer in stage2.layers:
+        np.testing.assert_array_equal(c.kept[layer], kept)
+    np.testing.assert_array_equal(c.variables["batch_stats"]["stage2_block0"]["shortcut_bn"]["var"],
+                                  v["batch_stats"]["stage2_block0"]["shortcut_bn"]["var"][kept])
+
+
+def test_resnet_group_left_empty_keeps_one_unread_channel():
     model = models.ResNet(depth=8, width=4)
-    v = jax.eval_shape(lambda: models.init(model, jax.random.key(0), (8, 8, 3)))
-    with pytest.raises(ValueError, match=r"residual.*'stage1_block0/conv2'.*supports.*ConvNet"):
-        compact.compact(model, v)
+    v = _variables(model, (8, 8, 3))
+    g = groups.derive(model, v, jnp.zeros((1, 8, 8, 3)), train=False)
+    channels = [np.ones(n, bool) for n in g.sizes]
+    channels[g.index("stage1_block0/conv1")[0]][:] = False  # the whole inner group of block 0
+    channels[g.index("conv")[0]][[0, 2]] = False
+    mask = groups.expand(g, tuple(channels), masks.init(v["params"]))
+    c = _check_same(model, v, jax.tree.map(np.asarray, mask), _x((8, 8, 3), 3))
+    assert c.model.inner[0] == 1 and len(c.kept["stage1_block0/conv1"]) == 0
+    assert c.model.widths == (2, 8, 16)
+    np.testing.assert_array_equal(c.kept["conv"], [1, 3])
+
+
+def test_resnet_mask_of_filters_alone_is_refused():
+    """Zeroing conv filters leaves their batch norm's constant read by the next layers."""
+    model = models.ResNet(depth=8, width=4)
+    v = _variables(model, (8, 8, 3))
+    mask = _ones(v["params"])
+    for layer in ("conv", "stage1_block0/conv1", "stage2_block0/conv2"):
+        node = mask
+        for k in layer.split("/"):
+            node = node[k]
+        node["kernel"][..., ::2] = False  # half the filters, as prune.units_to_density does
+    with pytest.raises(ValueError, match=r"no removable channel in ResNet.*lottery.groups"):
+        compact.compact(model, v, mask)
+
+
+def test_vgg_group_mask_compacts_and_resnet_exports(tmp_path):
+    model = models.VGG(plan=(8, "M", 12, 12))
+    v = _variables(model, (8, 8, 3))
+    _, mask, _ = _group_mask(model, v, (8, 8, 3), 0.5)
+    c = _check_same(model, v, mask, _x((8, 8, 3)))
+    assert c.model.plan == (4, "M", 6, 6)
+    # ResNet through `lottery export --format compact`'s function and back with export.load
+    model = models.ResNet(depth=8, width=4)
+    v = _variables(model, (8, 8, 3))
+    _, mask, _ = _group_mask(model, v, (8, 8, 3), 0.5)
+    meta = export.export(model, v, mask, str(tmp_path / "out"), "compact",
+                         {"input_shape": [8, 8, 3]})
+    assert meta["architecture"]["class"] == "SlimResNet"
+    assert meta["stored_params"] < meta["source_params"]
+    apply_fn, params = export.load(str(tmp_path / "out"))
+    x = _x((8, 8, 3), 3)
+    masked = jax.tree.map(lambda p, m: np.where(m, p, 0.0), v["params"], mask)
+    want = _apply(model, {**v, "params": masked}, x)
+    np.testing.assert_allclose(apply_fn(params, x), want, rtol=1e-4,
+                               atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
 
 def test_unknown_layer_and_model_are_named():
@@ -194,5 +273,5 @@ def test_unknown_layer_and_model_are_named():
     extra = {"params": {**v["params"], "attn": {"query": jnp.ones((5, 5))}}}
     with pytest.raises(ValueError, match=r"layer 'attn'.*supports Dense and Conv"):
         compact.compact(model, extra)
-    with pytest.raises(ValueError, match=r"model Dense.*LeNet300100, ConvNet, VGG"):
+    with pytest.raises(ValueError, match=r"model Dense.*LeNet300100, ConvNet, VGG.*groups.take"):
         compact.compact(nn.Dense(3), {"params": {"kernel": jnp.ones((2, 3))}})

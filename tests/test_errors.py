@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from _tiny_run import TINY, tiny_run
 
-from lottery import checkpoints, cli, imp, train
+from lottery import checkpoints, cli, rundir, train
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +174,14 @@ def test_cut_last_line_of_a_level_being_resumed_is_dropped(tmp_path):
         f.writelines(json.dumps(r) + "\n" for r in recs)
         f.write('{"step": 30, "test_acc')
     with pytest.raises(ValueError, match=f"{path}: record 3 of 3 is not valid JSON"):
-        imp.read_metrics(path)
-    assert imp.read_metrics(path, partial_last=True) == recs
-    imp._truncate_metrics(path, 20)  # what resuming from the checkpoint at step 20 does
-    assert imp.read_metrics(path) == recs
+        rundir.read_metrics(path)
+    assert rundir.read_metrics(path, partial_last=True) == recs
+    rundir.truncate_metrics(path, 20)  # what resuming from the checkpoint at step 20 does
+    assert rundir.read_metrics(path) == recs
     with open(path, "w") as f:
         f.write('{"step": 10, "test_acc\n' + json.dumps(recs[1]) + "\n")
     with pytest.raises(ValueError, match="record 1 of 2"):
-        imp.read_metrics(path, partial_last=True)  # only the last line may be cut
+        rundir.read_metrics(path, partial_last=True)  # only the last line may be cut
 
 
 def test_divergence_stops_the_run_naming_level_and_step(env, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """Tests for lottery.export: a real tiny run exported, loaded without the run, same outputs."""
 
-import argparse
 import json
 import os
 import shutil
@@ -8,50 +7,35 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from _tiny_run import write_config
 
-from lottery import checkpoints, config, export, imp, masks, models, prune
+from lottery import checkpoints, cli, config, experiment, export, imp, masks, models, prune
 
-TINY = '''
-from lottery.config import base
-
-
-def get_config():
-    c = base()
-    c.dataset = "mnist5k"
-    c.model = "lenet300_100"
-    c.batch_size = 100
-    c.training_steps = "20it"
-    c.eval_every = "20it"
-    c.levels = 1
-    c.fraction = 0.8
-    c.progress = False
-    return c
-'''
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished 2-level IMP run (levels 0 and 1, density 0.2 at level 1)."""
-    path = tmp_path_factory.mktemp("configs") / "tiny.py"
-    path.write_text(TINY)
-    cfg = config.load(str(path))
+    path = write_config(tmp_path_factory.mktemp("configs") / "tiny.py", training_steps="20it",
+                        levels=1, fraction=0.8)
+    cfg = config.load(path)
     return cfg, imp.find_ticket(cfg, str(tmp_path_factory.mktemp("runs")))
 
 
 def _level(cfg, run_dir, level):
     """The level's final params and mask, restored through the TrainState template (the path
     `lottery find-ticket` itself uses), independent of export.read_level."""
-    s = imp.Setup(cfg)
+    s = experiment.Setup(cfg)
     final = checkpoints.restore(os.path.join(run_dir, f"level_{level}", "final"), s.template())
     mask = checkpoints.restore(os.path.join(run_dir, f"level_{level}", "mask"),
                                masks.init(s.variables["params"]))
     return s, final.params, mask
 
 
-def _args(run_dir, level, fmt, out):
-    p = argparse.ArgumentParser(prog="lottery")
-    export.add_parser(p.add_subparsers(dest="command"))
-    return p.parse_args(["export", run_dir, "--level", str(level), "--format", fmt, "--out", out])
+def _export(run_dir, level, fmt, out, *extra):
+    """`lottery export ...` through the command table (errors propagate)."""
+    return cli.run(["export", run_dir, "--level", str(level), "--format", fmt, "--out", out,
+                    *extra])
 
 
 def _x(n=6):
@@ -63,7 +47,7 @@ def test_sparse_export_loads_without_the_run(run, tmp_path, capsys):
     copy = str(tmp_path / "run")
     shutil.copytree(run_dir, copy)
     out = str(tmp_path / "sparse")
-    assert export.run(_args(copy, 1, "sparse", out), []) == 0
+    assert _export(copy, 1, "sparse", out) == 0
     assert "exported level 1 (sparse" in capsys.readouterr().out
     s, params, mask = _level(cfg, copy, 1)
     want = models.inference_fn(s.model, s.variables)(masks.apply(params, mask), _x())
@@ -95,7 +79,7 @@ def test_compact_export_of_a_structured_mask(run, tmp_path):
     checkpoints.save(os.path.join(copy, "level_1", "mask"), unit_mask)
     want = models.inference_fn(s.model, s.variables)(masks.apply(params, unit_mask), _x())
     out = str(tmp_path / "compact")
-    assert export.run(_args(copy, 1, "compact", out), []) == 0
+    assert _export(copy, 1, "compact", out) == 0
     shutil.rmtree(copy)
     apply_fn, loaded = export.load(out)
     np.testing.assert_allclose(apply_fn(loaded, _x()), want, rtol=1e-4, atol=1e-4)
@@ -112,22 +96,22 @@ def test_compact_export_of_a_structured_mask(run, tmp_path):
 def test_bad_input(run, tmp_path):
     cfg, run_dir = run
     with pytest.raises(ValueError, match=r"--level 5: not a finished level.*\[0, 1\]"):
-        export.run(_args(run_dir, 5, "sparse", str(tmp_path / "a")), [])
+        _export(run_dir, 5, "sparse", str(tmp_path / "a"))
     with pytest.raises(ValueError, match="no removable unit"):  # unstructured IMP mask
-        export.run(_args(run_dir, 1, "compact", str(tmp_path / "b")), [])
+        _export(run_dir, 1, "compact", str(tmp_path / "b"))
     assert not os.path.exists(tmp_path / "b")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x").write_text("keep me")
     with pytest.raises(ValueError, match=r"--out .* exists"):
-        export.run(_args(run_dir, 1, "sparse", str(tmp_path / "c")), [])
+        _export(run_dir, 1, "sparse", str(tmp_path / "c"))
     with pytest.raises(ValueError, match="no --config"):
-        export.run(_args(run_dir, 1, "sparse", str(tmp_path / "d")), ["lr=1"])
+        _export(run_dir, 1, "sparse", str(tmp_path / "d"), "--config.lr=1")
     with pytest.raises(ValueError, match="no config.json"):
-        export.run(_args(str(tmp_path), 1, "sparse", str(tmp_path / "e")), [])
+        _export(str(tmp_path), 1, "sparse", str(tmp_path / "e"))
     with pytest.raises(ValueError, match="no model.json"):
         export.load(str(tmp_path))
     with pytest.raises(SystemExit):  # argparse: --format must be compact or sparse
-        _args(run_dir, 1, "dense", str(tmp_path / "f"))
+        _export(run_dir, 1, "dense", str(tmp_path / "f"))
 
 
 def test_architecture_round_trip():

@@ -1,6 +1,5 @@
 """One-shot prune + fine-tune and AGP: schedule counts, no revival, resume, masks, bad input."""
 
-import argparse
 import json
 import os
 
@@ -8,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from lottery import checkpoints, config, gradual, imp, masks, runs
+from lottery import checkpoints, cli, config, experiment, gradual, imp, masks, rundir, runs
+from lottery import train
 
 AGP = '''
 from lottery.gradual import base_config
@@ -112,14 +112,15 @@ def test_schedule_counts_follow_the_agp_formula():
 
 @pytest.fixture(scope="module")
 def agp_setup(agp_run):
-    return imp.Setup(agp_run[0])
+    return experiment.Setup(agp_run[0])
 
 
 @pytest.mark.parametrize("loop", ["scan", "steps"])
 def test_agp_every_step_density_and_no_revival(agp_run, agp_setup, loop):
-    """Pausing after every step (eval_every=1): the kept count after every step is the formula's,
-    masks only shrink, pruned weights are exactly 0.0; and the result equals the run directory's
-    (bit for bit for the same scanned epochs paused elsewhere, allclose for per-step jit)."""
+    """AGP as a mask update of `train.train`, pausing after every step (eval_every=1): the kept
+    count after every step is the formula's, masks only shrink, pruned weights are exactly 0.0;
+    and the result equals the run directory's (bit for bit for the same scanned epochs paused
+    elsewhere, allclose for per-step jit)."""
     _, run_dir = agp_run
     s = agp_setup
     n = 784 * 300 + 300 * 100  # 'out' is excluded
@@ -130,7 +131,7 @@ def test_agp_every_step_density_and_no_revival(agp_run, agp_setup, loop):
     prev = [mask]
 
     def check(st, m, record):
-        assert record["density"] == expected_kept(record["step"], n) / n, record["step"]
+        assert masks.density(m, s.rates) == expected_kept(record["step"], n) / n, record["step"]
         assert sum(k for k, _ in masks.counts(m, s.rates).values()) == \
             expected_kept(record["step"], n)
         for a, b in zip(leaves(m), leaves(prev[0])):
@@ -140,9 +141,9 @@ def test_agp_every_step_density_and_no_revival(agp_run, agp_setup, loop):
         assert np.all(np.asarray(m["out"]["kernel"]))  # excluded layer untouched
         prev[0] = m
 
-    state, mask, hist = gradual.train_agp(s.trainer._replace(loop=loop), state, mask, s.data,
-                                          sch, num_steps=90, rates=s.rates, eval_every=1,
-                                          callback=check)
+    state, mask, hist = train.train(s.trainer._replace(loop=loop), state, mask, s.data,
+                                    num_steps=90, eval_every=1, callback=check, progress=False,
+                                    mask_update=gradual.agp_update(sch, mask, s.rates))
     assert [r["step"] for r in hist] == list(range(1, 91))
     final = checkpoints.restore(os.path.join(run_dir, "level_0", "final"), s.template())
     saved_mask = checkpoints.restore(os.path.join(run_dir, "level_0", "mask"), mask)
@@ -159,7 +160,7 @@ def test_agp_run_directory(agp_run):
     assert os.path.basename(run_dir).startswith("agp_lenet300_100_mnist5k_")
     ldir = os.path.join(run_dir, "level_0")
     assert sorted(os.listdir(ldir)) == ["DONE", "final", "info.json", "mask", "metrics.jsonl"]
-    recs = imp.read_metrics(os.path.join(ldir, "metrics.jsonl"))
+    recs = rundir.read_metrics(os.path.join(ldir, "metrics.jsonl"))
     assert [r["step"] for r in recs] == [15, 30, 45, 60, 75, 90]
     n = 784 * 300 + 300 * 100  # 'out' is excluded
     for r in recs:
@@ -230,7 +231,7 @@ def test_oneshot_global_magnitude(oneshot_run):
     rows = imp.summary(run_dir)
     assert [r["level"] for r in rows] == [0, 1]
     assert rows[0]["density"] == 1.0 and rows[1]["kept"] == m.sum()
-    assert [r["step"] for r in imp.read_metrics(os.path.join(run_dir, "level_1",
+    assert [r["step"] for r in rundir.read_metrics(os.path.join(run_dir, "level_1",
                                                              "metrics.jsonl"))] == [10, 20, 30]
     assert runs.Run(run_dir).levels == [0, 1]  # what `lottery inspect` lists
     assert gradual.describe(cfg) == ("train 40it, prune once to density 0.1 by global magnitude, "
@@ -255,10 +256,9 @@ def test_oneshot_mask_structured_layerwise(oneshot_run, norm):
     assert np.all(np.asarray(mask["out"]["kernel"]))
 
 
-def cli_args(command, path, workdir, *extra):
-    p = argparse.ArgumentParser(prog="lottery")
-    gradual.add_parser(p.add_subparsers(dest="command", required=True))
-    return p.parse_args([command, "--config", path, "--workdir", str(workdir), *extra])
+def run_cli(command, path, workdir, *extra):
+    """`lottery <command> --config path --workdir workdir *extra` (errors propagate)."""
+    return cli.run([command, "--config", path, "--workdir", str(workdir), *extra])
 
 
 @pytest.mark.parametrize("which, override, message", [
@@ -276,8 +276,8 @@ def cli_args(command, path, workdir, *extra):
 def test_bad_input_is_one_line_before_any_work(configs, tmp_path, which, override, message):
     command = ("agp", "oneshot")[which]
     with pytest.raises(ValueError) as e:
-        gradual.run(cli_args(command, configs[which], tmp_path / "w", *override.split()[1:]),
-                    override.split()[:1])
+        run_cli(command, configs[which], tmp_path / "w", *override.split()[1:],
+                f"--config.{override.split()[0]}")
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not list((tmp_path / "w").glob("*")), "nothing may be written"
 
@@ -286,12 +286,12 @@ def test_cli_handler_reopens_finished_run(configs, agp_run, capsys):
     cfg, run_dir = agp_run
     final = os.path.join(run_dir, "level_0", "final")
     before = os.path.getmtime(final)
-    assert gradual.run(cli_args("agp", configs[0], os.path.dirname(run_dir))) == 0
+    assert run_cli("agp", configs[0], os.path.dirname(run_dir)) == 0
     out = capsys.readouterr().out
     assert run_dir in out and "0.1000" in out
     assert os.path.getmtime(final) == before  # nothing retrained
     with pytest.raises(ValueError, match="is a 'oneshot' config; `lottery agp` needs"):
-        gradual.run(cli_args("agp", configs[1], os.path.dirname(run_dir)))
+        run_cli("agp", configs[1], os.path.dirname(run_dir))
 
 
 def test_inspect_and_plot_work_on_agp_and_oneshot_runs(agp_run, oneshot_run, tmp_path, capsys):

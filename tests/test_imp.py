@@ -9,32 +9,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from _tiny_run import write_config
 
-from lottery import checkpoints, cli, config, imp, masks
-
-TINY = '''
-from lottery.config import base
-
-
-def get_config():
-    c = base()
-    c.dataset = "mnist5k"
-    c.model = "lenet300_100"
-    c.batch_size = 100
-    c.training_steps = "60it"
-    c.eval_every = "20it"
-    c.levels = 2
-    c.progress = False
-    c.checkpoint_seconds = 0.0
-    return c
-'''
+from lottery import checkpoints, config, experiment, imp, masks, rundir
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("configs") / "tiny.py"
-    path.write_text(TINY)
-    return str(path)
+    return write_config(tmp_path_factory.mktemp("configs") / "tiny.py", checkpoint_seconds=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +33,7 @@ def load_mask(run_dir, level, like):
 
 def test_three_levels_end_to_end(run):
     cfg, run_dir = run
-    s = imp.Setup(cfg)
+    s = experiment.Setup(cfg)
     params = s.variables["params"]
     total = sum(int(np.size(params[k]["kernel"])) for k in ("fc1", "fc2"))  # 'out' is excluded
     alive = total
@@ -71,7 +53,7 @@ def test_three_levels_end_to_end(run):
         for p, m in zip(jax.tree.leaves(final.params), jax.tree.leaves(mask)):
             assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)
         assert int(final.step) == 60
-        metrics = imp.read_metrics(os.path.join(run_dir, f"level_{level}", "metrics.jsonl"))
+        metrics = rundir.read_metrics(os.path.join(run_dir, f"level_{level}", "metrics.jsonl"))
         assert [r["step"] for r in metrics] == [20, 40, 60]
         prev = mask
     rows = imp.summary(run_dir)
@@ -79,13 +61,13 @@ def test_three_levels_end_to_end(run):
     assert rows[2]["density"] == pytest.approx(kept / total)
     assert rows[0]["final_accuracy"] > 0.5  # 60 steps of LeNet on real digits
     assert len(rows[2]["reinit_accuracy"]) == 2 and len(rows[2]["random_prune_accuracy"]) == 2
-    table = cli.format_summary(rows)
+    table = imp.format_summary(rows)
     assert "random_prune" in table and table.count("\n") == 3
 
 
 def test_controls_keep_per_layer_counts(run):
     cfg, run_dir = run
-    s = imp.Setup(cfg)
+    s = experiment.Setup(cfg)
     ticket = load_mask(run_dir, 2, masks.init(s.variables["params"]))
     cdir = os.path.join(run_dir, "level_2", "controls")
     assert sorted(os.listdir(cdir)) == ["DONE", "random_prune_s0", "random_prune_s1",
@@ -96,7 +78,7 @@ def test_controls_keep_per_layer_counts(run):
         assert masks.jaccard(m, ticket, s.rates)["fc1/kernel"] < 0.9  # fresh positions
     m = checkpoints.restore(os.path.join(cdir, "reinit_s0", "mask"), ticket)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(ticket)))
-    assert len(imp.read_metrics(os.path.join(cdir, "reinit_s1", "metrics.jsonl"))) == 3
+    assert len(rundir.read_metrics(os.path.join(cdir, "reinit_s1", "metrics.jsonl"))) == 3
 
 
 def _trees_equal(a, b):
@@ -112,11 +94,11 @@ def test_rewind_modes_restore_what_they_should(tiny_config, tmp_path, mode):
         over += ["finetune_lr=0.01", "finetune_steps=40it"]
     cfg = config.load(tiny_config, over)
     run_dir = imp.find_ticket(cfg, str(tmp_path))
-    s = imp.Setup(cfg)
+    s = experiment.Setup(cfg)
     mask = load_mask(run_dir, 1, masks.init(s.variables["params"]))
     init = checkpoints.restore(os.path.join(run_dir, "init"), s.variables)
     final0 = checkpoints.restore(os.path.join(run_dir, "level_0", "final"), s.template())
-    start, trainer, total = imp._start_state(s, run_dir, 1, mask, final0)
+    start, trainer, total = experiment.start_state(s, run_dir, 1, mask, final0)
     if mode == "init":
         assert int(start.step) == 0 and total == 60
         assert _trees_equal(start.params, masks.apply(init["params"], mask))
@@ -259,7 +241,7 @@ def test_random_prune_control_starts_at_rewind_values_outside_the_ticket(run):
     """Every weight a random-pruning control keeps starts at its rewind-point (here: init) value,
     also where the ticket's mask had pruned it (a masked start would put 0.0 there)."""
     cfg, run_dir = run
-    s = imp.Setup(cfg)
+    s = experiment.Setup(cfg)
     init = checkpoints.restore(os.path.join(run_dir, "init"), s.variables)["params"]
     ticket = load_mask(run_dir, 2, masks.init(init))
     prev_final = checkpoints.restore(os.path.join(run_dir, "level_1", "final"), s.template())
@@ -286,7 +268,7 @@ def test_count_rule_openlth_counts_ignored_layers(tiny_config, tmp_path):
     cfg = config.load(tiny_config, ["levels=1", "training_steps=20it", "eval_every=20it",
                                     "count_rule=openlth"])
     run_dir = imp.find_ticket(cfg, str(tmp_path))
-    s = imp.Setup(cfg)
+    s = experiment.Setup(cfg)
     mask = load_mask(run_dir, 1, masks.init(s.variables["params"]))
     remaining = 784 * 300 + 300 * 100 + 100 * 10  # fc1, fc2 and the ignored `out`
     pruned = -(-2 * remaining // 10) + 1  # ceil(0.2 * 266,200) + 1 = 53,241 (no ties in floats)

@@ -1,7 +1,6 @@
 """lottery.instability: barrier arithmetic, exact interpolation, the rewind point, identical copies
 give barrier 0, and copy A retraces the run's own level."""
 
-import argparse
 import json
 import os
 import shutil
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from _tiny_run import tiny_run
 
-from lottery import instability, runs, train as train_lib
+from lottery import cli, instability, runs, train as train_lib
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +81,9 @@ def test_different_orders_copy_a_retraces_the_level(run):
 
 
 def test_cli_prints_barrier_and_writes_png(run, tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    instability.add_parser(p.add_subparsers(dest="command"))
     png = tmp_path / "curve.png"
-    args = p.parse_args(["instability", run.path, "--level", "2", "--rewind-it", "20",
-                         "--points", "3", "--same-order", "--out", str(png), "--json"])
-    assert instability.run(args) == 0
+    assert cli.run(["instability", run.path, "--level", "2", "--rewind-it", "20", "--points", "3",
+                    "--same-order", "--out", str(png), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["barrier"] == 0.0 and len(out["errors"]) == 3 and out["png"] == str(png)
     with open(png, "rb") as f:

@@ -1,6 +1,5 @@
 """Prune-at-init sweeps end to end on a tiny config: masks, layout, collapse, resume, bad input."""
 
-import argparse
 import json
 import contextlib
 import os
@@ -15,7 +14,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lottery import checkpoints, config, imp, masks, models, pai, prune, scorers
+from lottery import checkpoints, cli, config, experiments, masks, models, pai, prune, rundir
+from lottery import scorers
 from lottery import train as train_lib
 
 TINY = '''
@@ -122,14 +122,14 @@ def test_sweep_layout_counts_and_magnitude_masks(run):
         for scorer in SCORERS:
             for point, c in zip(POINTS, (1, 10, 10000)):
                 cdir = os.path.join(run_dir, scorer, point)
-                assert imp.is_done(cdir)
+                assert rundir.is_done(cdir)
                 m = _mask(run_dir, scorer, point, seed, like)
                 kept = int(np.floor(PRUNABLE / c + 0.5))  # round-half-up(N / compression)
                 assert sum(k for k, _ in masks.counts(m).values()) == kept
                 assert all(np.all(np.asarray(m[k]["bias"])) for k in ("fc1", "fc2", "out"))
                 info = json.load(open(os.path.join(cdir, f"s{seed}", "info.json")))
                 assert (info["kept"], info["total"]) == (kept, PRUNABLE)
-                steps = [r["step"] for r in imp.read_metrics(
+                steps = [r["step"] for r in rundir.read_metrics(
                     os.path.join(cdir, f"s{seed}", "metrics.jsonl"))]
                 assert steps == [20, 40]
                 if scorer == "magnitude":  # the kept weights are the top-|θ| ones of this init
@@ -165,7 +165,7 @@ def test_summary_matches_metrics_files(run):
         (s, c) for s in SCORERS for c in (1.0, 10.0, 10000.0)]
     for r in rows:
         point = "c" + {1.0: "1", 10.0: "10", 10000.0: "10000"}[r["compression"]]
-        accs = [imp.read_metrics(os.path.join(run_dir, r["scorer"], point, f"s{s}",
+        accs = [rundir.read_metrics(os.path.join(run_dir, r["scorer"], point, f"s{s}",
                                               "metrics.jsonl"))[-1]["test_accuracy"]
                 for s in (0, 1)]
         assert r["seeds"] == [0, 1] and r["accuracies"] == accs
@@ -247,10 +247,16 @@ def test_kill_and_resume_equals_uninterrupted(run, tiny_config, tmp_path):
                            for x, y in zip(jax.tree.leaves(ma), jax.tree.leaves(mb)))
 
 
+PAI = experiments.get("prune-at-init")
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="lottery")
-    pai.add_parser(p.add_subparsers(dest="command"))
+    p = cli._parser()
     return p, p.parse_args(["prune-at-init", *argv])
+
+
+def _config(args, overrides=()):
+    return experiments.load_config(PAI, args.config, overrides, args)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -268,17 +274,17 @@ def test_bad_input_is_one_line_before_any_work(tiny_config, tmp_path, flags, mes
     workdir = tmp_path / "never"
     _, args = _parse(["--config", tiny_config, "--workdir", str(workdir), *flags])
     with pytest.raises(ValueError) as e:
-        pai.run(args, [])
+        cli.run_experiment(PAI, args)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not workdir.exists()
 
 
 def test_flags_override_config_and_units_never_mix(tiny_config, tmp_path):
     parser, args = _parse(["--config", tiny_config, "--scorers", "random", "--density", "0.5"])
-    cfg = pai.normalize(pai.config_from_args(args, ["seeds=1", "compressions=3"]))
+    cfg = pai.normalize(_config(args, ["seeds=1", "compressions=3"]))
     assert (cfg.scorers, cfg.compressions, cfg.densities, cfg.seeds) == ("random", "", "0.5", 1)
     _, args = _parse(["--config", tiny_config, "--compression", "10^1,1e2"])
-    cfg = pai.normalize(pai.config_from_args(args))
+    cfg = pai.normalize(_config(args))
     assert (cfg.compressions, cfg.densities) == ("10,100", "")
     assert [p.name for p in pai.parse_points(cfg.compressions, "")] == ["c10", "c100"]
     with pytest.raises(SystemExit):  # argparse: not allowed with argument --compression
@@ -292,7 +298,7 @@ def test_flags_override_config_and_units_never_mix(tiny_config, tmp_path):
     ticket.write_text("from lottery.config import base\n\ndef get_config():\n    return base()\n")
     _, args = _parse(["--config", str(ticket)])
     with pytest.raises(ValueError, match="'find-ticket' config"):
-        pai.run(args, [])
+        cli.run_experiment(PAI, args)
 
 
 def test_prune_examples_are_distinct_training_rows_per_seed(tiny_config):
@@ -356,7 +362,7 @@ def test_ablations_extend_the_same_run_and_leave_finished_cells_alone(run, ablat
     assert {p: p.stat().st_mtime_ns for p in before} == before  # finished cells untouched
     for scorer in SCORERS:
         for ab in ABLATIONS:
-            assert imp.is_done(os.path.join(run_dir, f"{scorer}+{ab}", "c10"))
+            assert rundir.is_done(os.path.join(run_dir, f"{scorer}+{ab}", "c10"))
             assert not os.path.exists(os.path.join(run_dir, f"{scorer}+{ab}", "c1"))
             rec = json.load(open(os.path.join(run_dir, f"{scorer}+{ab}", "c10", "collapse.json")))
             assert (rec["scorer"], rec["ablation"]) == (scorer, ab)
@@ -526,12 +532,12 @@ def test_bad_ablation_is_one_line_before_any_work(tiny_config, tmp_path):
         workdir = tmp_path / "never"
         _, args = _parse(["--config", tiny_config, "--workdir", str(workdir), *flags])
         with pytest.raises(ValueError) as e:
-            pai.run(args, [])
+            cli.run_experiment(PAI, args)
         assert message in str(e.value) and "\n" not in str(e.value)
         assert not workdir.exists()
     _, args = _parse(["--config", tiny_config, "--ablations", "reinit"])
-    assert pai.normalize(pai.config_from_args(args)).ablations == "reinit"
-    assert pai.cells(pai.normalize(pai.config_from_args(args, ["scorers=random,snip"]))) == [
+    assert pai.normalize(_config(args)).ablations == "reinit"
+    assert pai.cells(pai.normalize(_config(args, ["scorers=random,snip"]))) == [
         ("random", None), ("snip", None), ("snip", "reinit")]
 
 

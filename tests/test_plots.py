@@ -1,7 +1,6 @@
 """lottery.plots and `lottery plot`: seed grouping with mean and min-max, the data behind the
 figures, and PNGs of the fixed size that are not blank."""
 
-import argparse
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from _tiny_run import tiny_run
 
-from lottery import checkpoints, plots, runs
+from lottery import checkpoints, cli, plots, runs
 
 
 def _edit_copy(src, dst, config_changes, acc_shift):
@@ -86,10 +85,7 @@ def _png_size(path):
 
 
 def test_plot_writes_nonblank_pngs_of_fixed_size(three_runs, tmp_path, capsys):
-    p = argparse.ArgumentParser()
-    plots.add_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["plot", *three_runs, "--out", str(tmp_path / "figs")])
-    assert plots.run(args) == 0
+    assert cli.run(["plot", *three_runs, "--out", str(tmp_path / "figs")]) == 0
     printed = capsys.readouterr().out
     names = ("accuracy_vs_density", "layer_density", "training_curves", "first_layer_mask")
     for name in names:

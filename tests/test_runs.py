@@ -1,7 +1,6 @@
-"""lottery.runs, `lottery inspect` and `lottery compare` on a tiny finished run: every number
-against a direct computation from the saved files, mask overlaps, and bad input."""
+"""lottery.runs and lottery.report (`lottery inspect`, `lottery compare`) on a tiny finished run:
+every number against a direct computation from the saved files, mask overlaps, and bad input."""
 
-import argparse
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from _tiny_run import tiny_run
 
-from lottery import checkpoints, runs
+from lottery import checkpoints, cli, report, runs
 
 PRUNABLE = ("fc1/kernel", "fc2/kernel")  # the tiny config excludes 'out'
 LENET_MACS = {"fc1/kernel": 784 * 300, "fc2/kernel": 300 * 100, "out/kernel": 100 * 10}
@@ -67,7 +66,7 @@ def _direct(run_dir, level):
 
 
 def test_inspect_json_equals_direct_computation(run_dir):
-    out = json.loads(runs.inspect_text(run_dir, level=2, as_json=True))
+    out = json.loads(report.inspect_text(run_dir, level=2, as_json=True))
     assert [r["level"] for r in out["levels"]] == [0, 1, 2]
     assert out["incomplete_levels"] == []
     for row in out["levels"]:
@@ -91,7 +90,7 @@ def test_inspect_json_equals_direct_computation(run_dir):
 
 
 def test_inspect_text_prints_the_same_numbers(run_dir):
-    text = runs.inspect_text(run_dir, level=2)
+    text = report.inspect_text(run_dir, level=2)
     lines = text.splitlines()
     for level in (0, 1, 2):
         d = _direct(run_dir, level)
@@ -135,14 +134,14 @@ def test_run_api_gives_the_saved_pytrees(run_dir):
 
 
 def test_compare_run_with_itself_is_one(run_dir):
-    out = json.loads(runs.compare_text(run_dir, run_dir, as_json=True))
+    out = json.loads(report.compare_text(run_dir, run_dir, as_json=True))
     assert [(c["level_a"], c["level_b"]) for c in out["comparisons"]] == [(0, 0), (1, 1), (2, 2)]
     for c in out["comparisons"]:
         assert set(c["layers"]) == {*PRUNABLE, "total"}
         for row in c["layers"].values():
             assert row["jaccard"] == 1.0 and row["survival"] == 1.0
             assert row["kept_a"] == row["kept_b"] == row["both"]
-    text = runs.compare_text(run_dir, run_dir)
+    text = report.compare_text(run_dir, run_dir)
     assert text.count("1.0000") == 9  # 3 levels x (2 layers + total)
 
 
@@ -165,7 +164,7 @@ def test_survival_into_next_level_and_control_overlap(run_dir):
             a, b = _leaf(m2, p), _leaf(ctrl, p)
             assert ov[name][p]["kept_a"] == ov[name][p]["kept_b"] == int(a.sum())
             assert ov[name][p]["jaccard"] == int((a & b).sum()) / int((a | b).sum()) < 0.9
-    single = runs.compare_text(run_dir, run_dir, level=1, level_b=2)
+    single = report.compare_text(run_dir, run_dir, level=1, level_b=2)
     assert "A level 1 vs B level 2" in single and f"{res['total']['jaccard']:.4f}" in single
 
 
@@ -186,12 +185,12 @@ def broken(run_dir, tmp_path_factory):
 def test_interrupted_run_shows_what_is_complete(broken):
     r = runs.Run(broken)
     assert r.levels == [0, 1] and r.incomplete_levels == [2, 3]
-    text = runs.inspect_text(broken)
+    text = report.inspect_text(broken)
     assert runs.Run(broken).controls(1) == []
     assert "level 2: incomplete (last evaluation at step 60" in text
     assert "level 3: incomplete (mask missing, no evaluation yet)" in text
     assert "level 1: controls incomplete" in text
-    out = json.loads(runs.inspect_text(broken, as_json=True))
+    out = json.loads(report.inspect_text(broken, as_json=True))
     assert [x["level"] for x in out["levels"]] == [0, 1]
     assert out["levels"][1]["controls"] == {} and out["incomplete_controls"] == [1]
     assert [p["last_step"] for p in out["incomplete_levels"]] == [60, None]
@@ -206,11 +205,11 @@ def test_interrupted_run_shows_what_is_complete(broken):
     ("nomask", "level 3 of {run} has no saved mask yet"),
 ])
 def test_bad_input_is_one_clear_line(broken, case, message):
-    calls = {"missing": lambda: runs.inspect_text(broken + "_nope"),
-             "workdir": lambda: runs.inspect_text(os.path.dirname(broken)),
-             "level": lambda: runs.inspect_text(broken, level=7),
-             "half": lambda: runs.inspect_text(broken, level=2),
-             "nomask": lambda: runs.compare_text(broken, broken, level=3)}
+    calls = {"missing": lambda: report.inspect_text(broken + "_nope"),
+             "workdir": lambda: report.inspect_text(os.path.dirname(broken)),
+             "level": lambda: report.inspect_text(broken, level=7),
+             "half": lambda: report.inspect_text(broken, level=2),
+             "nomask": lambda: report.compare_text(broken, broken, level=3)}
     with pytest.raises(ValueError) as e:
         calls[case]()
     assert message.format(run=broken) in str(e.value)
@@ -219,21 +218,14 @@ def test_bad_input_is_one_clear_line(broken, case, message):
         assert "complete levels: 0-1; incomplete levels: 2-3" in str(e.value)
 
 
-def _args(argv):
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="command", required=True)
-    runs.add_parser(sub)
-    return p.parse_args(argv)
-
-
 def test_handlers_print_tables(run_dir, capsys):
-    assert runs.run(_args(["inspect", run_dir, "--level", "1"])) == 0
+    assert cli.run(["inspect", run_dir, "--level", "1"]) == 0
     out = capsys.readouterr().out
     assert "level 1: density 0.8000" in out and "fc2/kernel" in out
-    assert runs.run(_args(["compare", run_dir, run_dir, "--json"])) == 0
+    assert cli.run(["compare", run_dir, run_dir, "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["comparisons"]) == 3
     with pytest.raises(ValueError, match="takes no --config"):
-        runs.run(_args(["inspect", run_dir]), ["seed=1"])
+        cli.run(["inspect", run_dir, "--config.seed=1"])
 
 
 def test_script_and_cli_exit_codes(broken, run_dir):

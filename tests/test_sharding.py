@@ -1,4 +1,5 @@
-"""Data parallelism: 4 forced CPU devices, and 2 processes x 2 devices, against one device.
+"""Data parallelism: 4 forced CPU devices, and 2 processes x 2 devices, against one device
+(training, AGP's in-step mask updates, checkpoints, scores).
 
 Forcing host devices needs XLA_FLAGS before jax starts, so the multi-device runs are subprocesses
 of this file (`python tests/test_sharding.py devices4|process <dir>`). A module fixture starts
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lottery import checkpoints, distributed, masks, scorers
+from lottery import checkpoints, distributed, gradual, masks, scorers
 from lottery import train as T
 
 BATCH = 32
@@ -94,6 +95,22 @@ def replica_problem():
     return (data, model, tx, *_replicas(mask))
 
 
+AGP_DENSITY = 0.2
+AGP_LOOPS = ("steps", "scan")
+
+
+def agp_train(data, model, variables, mesh=None, loop="steps"):
+    """AGP from the dense network to density 0.2 (events at steps 2, 5, 8, 11 and 14, global
+    magnitude) through `train.train`'s mask update: (state, mask, history)."""
+    mask = masks.init(variables["params"])
+    schedule = gradual.agp_schedule(mask, None, final_density=AGP_DENSITY, start=2, end=14,
+                                    every=3)
+    return T.train(T.Trainer(model, TX, BATCH, loop=loop, mesh=mesh),
+                   init_state(variables, TX, jax.random.key(4), mask), mask, data,
+                   num_steps=STEPS, eval_every=HALF, progress=False,
+                   mask_update=gradual.agp_update(schedule, mask))
+
+
 def score_inputs(data, model, variables):
     apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
     return scorers.Inputs.create(apply_fn, (data.x_train[:SCORE_BATCH], data.y_train[:SCORE_BATCH]))
@@ -156,6 +173,14 @@ def worker_devices4(out):
                          data, num_steps=SHORT, replicas=True, progress=False)
     checkpoints.save(os.path.join(out, "replicas"), rep)
     facts["replica_accuracy"] = np.asarray(rhist[-1]["test_accuracy"]).tolist()
+
+    data, model, variables, _, _ = problem()
+    for loop in AGP_LOOPS:
+        state, mask, hist = agp_train(data, model, variables, mesh, loop)
+        checkpoints.save(os.path.join(out, f"agp_{loop}"), {"state": state, "mask": mask})
+        facts[f"agp_{loop}_history"] = plain(hist)
+        facts[f"agp_{loop}_replicated_on"] = sorted({len(x.sharding.device_set)
+                                                     for x in jax.tree.leaves(mask)})
 
     data, model, variables, mask, _ = problem()
     inputs = distributed.shard_inputs(score_inputs(data, model, variables), mesh)
@@ -276,6 +301,10 @@ def runs(tmp_path_factory):
                                      data, num_steps=SHORT, replicas=True, progress=False)
     ref["replica_accuracy"] = np.asarray(rhist[-1]["test_accuracy"])
 
+    data, model, variables, _, _ = problem()
+    for loop in AGP_LOOPS:
+        ref[f"agp_{loop}"] = agp_train(data, model, variables, loop=loop)
+
     data, model, variables, mask, _ = problem()
     inputs = score_inputs(data, model, variables)
     ref["snip"] = jax.jit(scorers.snip)(variables["params"], mask, inputs)
@@ -353,6 +382,33 @@ def test_replicas_times_devices(runs):
     assert jax.tree.leaves(rep.params)[0].shape[0] == K
     assert_trees_close(rep, ref["replicas"])
     np.testing.assert_allclose(facts["devices4"]["replica_accuracy"], ref["replica_accuracy"])
+
+
+@pytest.mark.parametrize("loop", AGP_LOOPS)
+def test_agp_on_four_devices_equals_one_device_statistically(runs, loop):
+    """AGP's mask update runs inside the sharded step (mask in the scan carry for 'scan'): same
+    exact kept count, the same mask up to magnitude near-ties, the same accuracy up to noise."""
+    out, ref, facts = runs
+    state, mask, hist = ref[f"agp_{loop}"]
+    got = checkpoints.restore(os.path.join(out, f"agp_{loop}"), {"state": state, "mask": mask})
+    rates = masks.prunable(mask)
+    n = sum(int(np.size(m)) for m, r in zip(jax.tree.leaves(mask), jax.tree.leaves(rates)) if r)
+    kept = lambda m: sum(int(np.sum(x)) for x, r in zip(jax.tree.leaves(m),  # noqa: E731
+                                                        jax.tree.leaves(rates)) if r)
+    assert kept(got["mask"]) == kept(mask) == int(np.floor(AGP_DENSITY * n + 0.5))
+    agree = np.mean(np.concatenate([np.ravel(np.asarray(a) == np.asarray(b)) for a, b in
+                                    zip(jax.tree.leaves(got["mask"]), jax.tree.leaves(mask))]))
+    assert agree >= 0.99
+    for p, m in zip(jax.tree.leaves(got["state"].params), jax.tree.leaves(got["mask"])):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0.0)  # pruned on 4 devices: exactly 0
+    four = facts["devices4"][f"agp_{loop}_history"]
+    assert [r["step"] for r in four] == [r["step"] for r in plain(hist)] == [8, 10, 16, 20]
+    for a, b in zip(four, plain(hist)):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=0.05)
+        if "test_accuracy" in a:  # evaluations at 10 and 20
+            assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.05
+    assert facts["devices4"][f"agp_{loop}_replicated_on"] == [4]
 
 
 def test_snip_and_grasp_on_sharded_batches(runs):

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from lottery import masks, steps
+from lottery import batches, masks, steps
 from lottery import train as T
 
 
@@ -94,23 +94,23 @@ def test_scan_epoch_equals_streamed_steps(setup):
 
 def test_data_order_is_a_permutation_per_epoch(setup):
     key = jax.random.key_data(jax.random.key(0))
-    o0, o1 = (np.asarray(T.epoch_order(key, e, 100, 32)) for e in (0, 1))
+    o0, o1 = (np.asarray(batches.epoch_order(key, e, 100, 32)) for e in (0, 1))
     assert o0.shape == (3, 32) and len(set(o0.ravel())) == 96
     assert not np.array_equal(o0, o1)
-    np.testing.assert_array_equal(o0, np.asarray(T.epoch_order(key, 0, 100, 32)))
+    np.testing.assert_array_equal(o0, np.asarray(batches.epoch_order(key, 0, 100, 32)))
 
 
 def test_random_sampling_draws_independent_batches_in_both_loops(setup):
     """sampling='random' (the MNIST-1D reference's order): indices uniform with replacement,
     reproducible from the key, and the scan and per-step loops train on the same batches."""
     key = jax.random.key_data(jax.random.key(0))
-    o0 = np.asarray(T.epoch_order(key, 0, 100, 32, "random"))
+    o0 = np.asarray(batches.epoch_order(key, 0, 100, 32, "random"))
     assert o0.shape == (3, 32) and o0.min() >= 0 and o0.max() < 100
     assert len(set(o0.ravel())) < 96  # 96 draws from 100 with replacement repeat (P > 0.9999)
-    np.testing.assert_array_equal(o0, np.asarray(T.epoch_order(key, 0, 100, 32, "random")))
-    assert not np.array_equal(o0, np.asarray(T.epoch_order(key, 1, 100, 32, "random")))
+    np.testing.assert_array_equal(o0, np.asarray(batches.epoch_order(key, 0, 100, 32, "random")))
+    assert not np.array_equal(o0, np.asarray(batches.epoch_order(key, 1, 100, 32, "random")))
     with pytest.raises(ValueError, match="sampling='batches': expected one of"):
-        T.epoch_order(key, 0, 100, 32, "batches")
+        batches.epoch_order(key, 0, 100, 32, "batches")
     data, model, variables, mask = setup
     tx = T.optimizer("sgd", 0.05)
     state = T.init_state(variables, tx, jax.random.key(4), mask)
@@ -176,12 +176,12 @@ def test_batch_norm_statistics_update_and_are_used():
 
 def test_cifar_augmentation_crops_and_flips():
     x = jnp.arange(2 * 32 * 32 * 3, dtype=jnp.float32).reshape(2, 32, 32, 3) + 1
-    out = T.augment_cifar(jax.random.key(0), x)
+    out = batches.augment_cifar(jax.random.key(0), x)
     assert out.shape == x.shape
     # every output row segment is a (possibly flipped, shifted) piece of the padded input
-    again = T.augment_cifar(jax.random.key(0), x)
+    again = batches.augment_cifar(jax.random.key(0), x)
     np.testing.assert_array_equal(out, again)
-    outs = [np.asarray(T.augment_cifar(jax.random.key(k), x)) for k in range(20)]
+    outs = [np.asarray(batches.augment_cifar(jax.random.key(k), x)) for k in range(20)]
     assert any(not np.array_equal(o, x) for o in outs)
     assert any((o == 0).any() for o in outs)  # zero padding shows up in some crops
     for o in outs:  # values are the input's or padding zeros

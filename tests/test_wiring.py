@@ -16,8 +16,7 @@ wrapped to record what it is called with (the seam every experiment trains throu
                with clipping / Adam, moments stay exactly 0 at pruned positions
   runs         best accuracy is the maximum (first one), final is the last record
   masks        random_like draws every layer with its own key
-  prune-at-init, oneshot, agp, instability: start state and mask, one test each (AGP's start
-               through `lottery.gradual.train_agp`, which it trains with instead)
+  prune-at-init, oneshot, agp, instability: start state and mask, one test each
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import lottery.train
-from lottery import checkpoints, config, gradual, imp, instability, masks, models, pai, runs
+from lottery import checkpoints, config, gradual, imp, instability, masks, models, pai, report
+from lottery import runs
 
 # ------------------------------------------------------------------------------------------------
 # Helpers: flat {path: array} views, a numpy pruning reference, a spy on lottery.train.train.
@@ -500,7 +500,7 @@ def test_level_info_best_is_the_first_maximum_and_final_the_last(imp_runs, tmp_p
     assert (info["best_accuracy"], info["best_step"]) == (0.8, 2)
     assert (info["final_accuracy"], info["final_step"]) == (0.5, 5)
     assert sorted(runs.Run(run_dir).level_info(2)["controls"]["random_prune"]) == [0.4, 0.7]
-    row = json.loads(runs.inspect_text(run_dir, as_json=True))["levels"][1]
+    row = json.loads(report.inspect_text(run_dir, as_json=True))["levels"][1]
     assert (row["best_accuracy"], row["best_step"], row["final_accuracy"]) == (0.8, 2, 0.5)
     summary = getattr(imp, "summary", None)  # find-ticket's closing table (may move with the
     if summary is not None:                   # run-directory helpers)
@@ -673,21 +673,15 @@ def agp_density(t, d_f=0.2, t0=2, t1=8):
 @pytest.fixture(scope="module")
 def agp_run(tmp_path_factory):
     """An AGP run paused after every step: (run dir, [(step, params, mask)], start args)."""
-    seen, start = [], {}
-    real = gradual.train_agp
-
-    def spy(trainer, state, mask, *args, **kwargs):
-        start.update(state=jax.tree.map(np.asarray, state), mask=jax.tree.map(np.asarray, mask))
-        return real(trainer, state, mask, *args, **kwargs)
+    seen = []
 
     def callback(st, m, record):
         seen.append((int(record["step"]), flat(st.params), flat(m)))
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gradual, "train_agp", spy)
-        run_dir = gradual.run_agp(gradual_config("agp"), str(tmp_path_factory.mktemp("agp")),
-                                  callback=callback)
-    return run_dir, seen, start
+    run_dir, spy = spied(gradual.run_agp, gradual_config("agp"),
+                         str(tmp_path_factory.mktemp("agp")), callback=callback)
+    (call,) = spy.calls  # AGP trains through train.train, with its mask update
+    return run_dir, seen, {"state": call["state"], "mask": call["mask"]}
 
 
 def test_agp_starts_dense_from_the_saved_init(agp_run):

@@ -1,0 +1,247 @@
+"""Run directories: the one module that names, writes and reads them.
+
+Every experiment kind writes its run directory through these functions and `lottery.runs` reads
+it through them. A run directory is `<workdir>/<experiment>_<model>_<dataset>_<hash>/`
+(`config.run_name`; the hash covers the result-determining config fields) and holds
+
+  config.json              the config the run was started with (`create`)
+  init/, rewind/           orbax: the initial variables, the state later levels rewind to
+  level_<L>/               one trained network (`level_dir`):
+    mask/, final/          orbax: its mask and its trained state
+    checkpoint/<step>/     while training: the latest in-level checkpoint (`save_in_level`)
+    metrics.jsonl          one JSON line per evaluation (`append_metrics`)
+    info.json              density, kept, total and per-layer counts of the mask (`write_info`)
+    DONE                   written last: the level is complete (`mark_done`)
+
+(prune-at-init sweeps keep their cells, `<cell>/<point>/`, with the same files and markers.)
+Plain files are written by process 0 only; JSON files atomically (a temporary file renamed into
+place). Strict reads turn a damaged file into a ValueError naming it. One writer per run
+directory is assumed: a run lock would go here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lottery import checkpoints, config as config_lib, distributed, masks
+
+PyTree = Any
+
+CONFIG, METRICS, INFO, DONE = "config.json", "metrics.jsonl", "info.json", "DONE"
+CHECKPOINT = "checkpoint"  # in a level directory: checkpoint/<step>/ while it trains
+
+
+# ---- the directory of a config ----
+
+def check_workdir(workdir: str) -> None:
+    """Fail early, with the path, if `workdir` cannot be created or written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir!r} is not writable ({e.strerror})") from None
+
+
+def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """The run directory of a validated config (not created yet). ValueError if `workdir` is not
+    writable or the directory holds a run whose result-determining fields differ."""
+    check_workdir(workdir)
+    run_dir = os.path.join(workdir, config_lib.run_name(cfg))
+    path = os.path.join(run_dir, CONFIG)
+    if os.path.exists(path):
+        saved = config_lib.from_saved(read_json(path))
+        if config_lib.hashed_fields(saved) != config_lib.hashed_fields(cfg):
+            raise ValueError(f"{run_dir} holds a run with a different config; refusing to write "
+                             f"into it (compare {path})")
+    return run_dir
+
+
+def create(run_dir: str, cfg: ml_collections.ConfigDict) -> None:
+    """Create `run_dir` with its config.json (kept as it is when the run already exists)."""
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(run_dir, CONFIG)):
+        write_json(os.path.join(run_dir, CONFIG), cfg.to_dict())
+
+
+def hint(run_dir: str, level: int) -> str:
+    """What to do about a damaged level: the sentence every error about one ends with."""
+    return (f"Rerun with --discard-level {level} to delete level {level} of {run_dir} and "
+            f"train it again (levels after it are deleted too).")
+
+
+# ---- plain files ----
+
+def rmtree(path: str) -> None:
+    """Delete a directory if it exists (process 0 only: the others share its filesystem)."""
+    if distributed.is_main_process():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON to `path` atomically (process 0 only)."""
+    if not distributed.is_main_process():
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in `path`; ValueError naming the file if it is not valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                         f"{e.colno}); it was damaged or edited") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (not UTF-8 text: {e.reason})") from None
+
+
+def read_jsonl(path: str, *, complete: bool = False) -> list[dict]:
+    """The records of a JSON-lines file ([] if it does not exist). The last line of a file still
+    being written (`complete` False) may be cut short by an interrupted write: it is dropped.
+    Any other invalid line, and a cut line in a finished file, is a ValueError naming the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = [ln for ln in f.read().split(b"\n") if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if i == len(lines) - 1 and not complete:
+                break  # cut short by an interrupted write: everything before it is valid
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+            raise ValueError(f"{path}: record {i + 1} of {len(lines)} is not valid JSON "
+                             f"({msg}); the file was cut short or damaged") from None
+    return out
+
+
+def read_metrics(path: str, *, partial_last: bool = False) -> list[dict]:
+    """The JSON lines of a metrics file ([] if it does not exist). An invalid line is a
+    ValueError naming the file, except, with `partial_last`, a last line cut short (what a
+    kill leaves in a level being resumed; it is written again), which is dropped."""
+    return read_jsonl(path, complete=not partial_last)
+
+
+def _to_py(v):
+    v = np.asarray(v)
+    return v.tolist() if v.ndim else v.item()
+
+
+def append_metrics(path: str, record: dict) -> None:
+    """Append `record` (numbers or arrays) as one JSON line, flushed to disk (process 0 only)."""
+    if not distributed.is_main_process():
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _to_py(v) for k, v in record.items()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(path: str, last_step: int | None) -> None:
+    """Drop the lines written after the checkpoint at `last_step` that training resumes from
+    (they will be written again; a cut last line goes too), or, for None (training starts over),
+    the whole file. Process 0 only."""
+    if not distributed.is_main_process():
+        return
+    if last_step is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    kept = [r for r in read_metrics(path, partial_last=True) if r["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+
+
+def write_info(path: str, mask: PyTree, rates: PyTree) -> None:
+    """path/info.json: density, kept, total and per-layer {path: {kept, total}} of a mask."""
+    counts = masks.counts(mask, rates)
+    kept, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    write_json(os.path.join(path, INFO), {
+        "density": kept / total, "kept": kept, "total": total,
+        "layers": {p: {"kept": k, "total": t} for p, (k, t) in counts.items()}})
+
+
+# ---- levels and completion markers ----
+
+def level_dir(run_dir: str, level: int) -> str:
+    return os.path.join(run_dir, f"level_{level}")
+
+
+def levels(run_dir: str) -> list[int]:
+    """The numbers of the level directories in `run_dir`, complete or not, ascending."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(int(n[6:]) for n in names if n.startswith("level_") and n[6:].isdigit()
+                  and os.path.isdir(os.path.join(run_dir, n)))
+
+
+def done_levels(run_dir: str) -> list[int]:
+    """The complete levels of `run_dir` (their DONE file exists), ascending."""
+    return [lv for lv in levels(run_dir) if is_done(level_dir(run_dir, lv))]
+
+
+def is_done(path: str) -> bool:
+    return os.path.exists(os.path.join(path, DONE))
+
+
+def mark_done(path: str) -> None:
+    write_json(os.path.join(path, DONE), {"done": True})
+
+
+# ---- in-level checkpoints ----
+
+def latest_checkpoint(ldir: str) -> tuple[int, str] | None:
+    """(step, path) of the level's latest in-level checkpoint, or None."""
+    ckdir = os.path.join(ldir, CHECKPOINT)
+    steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) \
+        if os.path.isdir(ckdir) else []
+    return (steps[-1], os.path.join(ckdir, str(steps[-1]))) if steps else None
+
+
+def save_in_level(ldir: str, step: int, tree: PyTree) -> None:
+    """Save `tree` as the level's checkpoint at `step` and delete the earlier ones."""
+    ckdir = os.path.join(ldir, CHECKPOINT)
+    checkpoints.save(os.path.join(ckdir, str(step)), tree)
+    for old in (d for d in os.listdir(ckdir) if d.isdigit() and int(d) < step):
+        rmtree(os.path.join(ckdir, old))
+
+
+# ---- discarding levels ----
+
+def check_discard(run_dir: str, level: int) -> None:
+    """ValueError, before anything is deleted, unless `level` is in 0..the last level of
+    `run_dir` (0 also discards init and rewind, so it is valid once the run directory exists)."""
+    if not os.path.isdir(run_dir):
+        raise ValueError(f"--discard-level {level}: there is no run to discard from ({run_dir} "
+                         f"does not exist)")
+    last = max(levels(run_dir), default=0)
+    if not 0 <= level <= last:
+        raise ValueError(f"--discard-level {level}: expected a level in 0..{last} (the levels of "
+                         f"{run_dir})")
+
+
+def discard_level(run_dir: str, level: int) -> None:
+    """Delete level `level` and every later level (and the rewind point if level is 0)."""
+    for lv in levels(run_dir):
+        if lv >= level:
+            rmtree(level_dir(run_dir, lv))
+    if level == 0:
+        for name in ("rewind", "init"):
+            rmtree(os.path.join(run_dir, name))
