@@ -21,3 +21,15 @@ def data_dir(tmp_path_factory):
         os.environ.pop("LOTTERY_DATA_DIR", None)
     else:
         os.environ["LOTTERY_DATA_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """For modules of tiny models, where XLA's optimizations cost more time than they save:
+    `pytestmark = pytest.mark.usefixtures("fast_compile")`."""
+    import jax
+
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -421,3 +422,57 @@ def test_random_resized_crop_flip_on_device():
     other = f(jax.random.key(3), x)
     assert other.shape == x.shape and not np.allclose(other, f(jax.random.key(4), x))
     np.testing.assert_array_equal(other, f(jax.random.key(3), x))
+
+
+# ---------------------------------------------------------------------------------------------
+# A user's model (import path) on a user's TFDS dataset (by name), end to end.
+
+USER_NET = '''
+import flax.linen as nn
+
+
+class Net(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(32, name="fc1")(x))
+        return nn.Dense(self.num_classes, name="out")(x)
+
+
+def make(num_classes):
+    return Net(num_classes)
+'''
+
+
+def test_user_model_and_dataset_run_find_ticket_and_prune_at_init(root, tmp_path, monkeypatch):
+    """`model='usernet:make'` and the TFDS dataset by name, resized to 16x16: IMP prunes the
+    user's Dense kernels (not `out`), prune-at-init sweeps them, the runs read back."""
+    from lottery import imp, pai, runs
+
+    (tmp_path / "usernet.py").write_text(USER_NET)
+    monkeypatch.chdir(tmp_path)
+    try:
+        cfg = config.base()
+        cfg.update(dict(dataset=NAME, data_dir=root, image_size=16, model="usernet:make",
+                        batch_size=20, training_steps="6it", eval_every="3it", levels=1,
+                        progress=False))
+        run_dir = imp.find_ticket(cfg, str(tmp_path / "runs"))
+        assert os.path.basename(run_dir).startswith(f"find-ticket_usernet-make_{NAME}_")
+        r = runs.Run(run_dir)
+        assert r.input_shape == (16, 16, 3)
+        mask = r.mask(1)
+        fc1 = np.asarray(mask["fc1"]["kernel"])
+        assert fc1.shape == (16 * 16 * 3, 32) and fc1.sum() == round(0.8 * fc1.size)
+        assert np.all(np.asarray(mask["out"]["kernel"]))  # base config excludes `out`
+        p = pai.base_config()
+        p.update(dict(dataset=NAME, data_dir=root, image_size=16, model="usernet:make",
+                      batch_size=20, training_steps="3it", eval_every="3it", seeds=1,
+                      scorers="magnitude,snip", compressions="1,10", progress=False))
+        sweep_dir = pai.sweep(p, str(tmp_path / "runs"))
+        rows = pai.summary(sweep_dir)
+        assert {(row["scorer"], round(row["compression"])) for row in rows} == {
+            ("magnitude", 1), ("magnitude", 10), ("snip", 1), ("snip", 10)}
+    finally:
+        sys.modules.pop("usernet", None)

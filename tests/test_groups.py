@@ -10,13 +10,7 @@ import pytest
 from lottery import Inputs, groups, masks, models, prune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Tiny models: XLA's optimizations cost more time than they save."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models (tests/conftest.py)
 
 
 class Toy(nn.Module):

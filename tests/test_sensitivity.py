@@ -13,13 +13,7 @@ import pytest
 from lottery import cli, groups, masks, models, prune, scorers, sensitivity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """Tiny models: XLA's optimizations cost more time than they save."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models (tests/conftest.py)
 
 
 def _init(model, shape, seed=0):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings, strategies
 
 import lottery.train
 from lottery import checkpoints, config, gradual, imp, instability, masks, models, pai, report
@@ -532,7 +532,7 @@ def test_random_like_same_shape_layers_get_independent_positions():
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(60, 540), st.integers(0, 2**31 - 1))
+@given(strategies.integers(60, 540), strategies.integers(0, 2**31 - 1))
 def test_random_like_layers_differ_and_keep_exact_counts(kept, seed):
     mask = _two_layers(20, 30, kept)  # one shape: no recompilation per example
     r = masks.random_like(mask, jax.random.key(seed))
