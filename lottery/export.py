@@ -53,7 +53,8 @@ def architecture(model: nn.Module) -> dict:
 def _module_classes() -> dict[str, type]:
     """lottery.models' module classes, and those compaction builds (compact.MODULES)."""
     return {k: v for k, v in vars(models).items()
-            if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == models.__name__
+            if isinstance(v, type) and issubclass(v, nn.Module)
+            and v.__module__.startswith(models.__name__ + ".")
             } | {c.__name__: c for c in compact_lib.MODULES}
 
 

@@ -294,7 +294,7 @@ def no_download(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("TFDS was asked to download")
 
-    monkeypatch.setattr(data, "_reachable", lambda hosts, timeout=3.0: False)
+    monkeypatch.setattr(data.download, "reachable", lambda hosts, timeout=3.0: False)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", refuse)
 
 
@@ -336,7 +336,7 @@ def test_prepare_without_tensorflow_is_one_line(tmp_path, monkeypatch):
     def needs_tf(*args, **kwargs):
         raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
 
-    monkeypatch.setattr(data, "_reachable", lambda hosts, timeout=3.0: True)
+    monkeypatch.setattr(data.download, "reachable", lambda hosts, timeout=3.0: True)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", needs_tf)
     with pytest.raises(ValueError) as err:
         _prepare(["cifar10", "--data-dir", str(tmp_path)])

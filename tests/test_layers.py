@@ -4,9 +4,9 @@ private names, and lazily only for the heavy imports listed below.
 Layers, bottom to top; a module imports from its own layer or the ones below:
 
   core         masks, scorers, prune (with counting, count_rules, selection), schedules,
-               metrics, steps, groups
-  engine       train (with optim, batches), models, data, checkpoints, distributed, config,
-               compact, sparse
+               metrics, steps, groups (and its modules)
+  engine       train (with optim, batches), models, data, compact (each with its modules),
+               checkpoints, distributed, config, sparse
   run dirs     rundir (naming, writing, reading run directories), runs (the `Run` reader)
   experiments  experiment (what every kind shares), imp, gradual, pai, instability, and
                experiments (the table of kinds)
@@ -26,11 +26,17 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = {
     "core": ["lottery.masks", "lottery.scorers", "lottery.prune", "lottery.counting",
              "lottery.count_rules", "lottery.selection", "lottery.schedules", "lottery.metrics",
-             "lottery.steps", "lottery.groups"],
+             "lottery.steps", "lottery.groups", "lottery.groups.classes", "lottery.groups.jaxprs",
+             "lottery.groups.analysis", "lottery.groups.structure", "lottery.groups.channels",
+             "lottery.groups.scorers", "lottery.groups.density"],
     "engine": ["lottery.train", "lottery.optim", "lottery.batches", "lottery.models",
+               "lottery.models.layers", "lottery.models.lth", "lottery.models.imagenet",
+               "lottery.models.vit", "lottery.models.mnist1d",
                "lottery.data", "lottery.data.mnist5k", "lottery.data.mnist1d",
-               "lottery.data.transforms", "lottery.checkpoints", "lottery.distributed",
-               "lottery.config", "lottery.compact", "lottery.sparse"],
+               "lottery.data.transforms", "lottery.data.registry", "lottery.data.tfds_source",
+               "lottery.data.stats", "lottery.data.download", "lottery.checkpoints", "lottery.distributed",
+               "lottery.config", "lottery.compact", "lottery.compact.units",
+               "lottery.compact.resnet", "lottery.sparse"],
     "run dirs": ["lottery.rundir", "lottery.runs"],
     "experiments": ["lottery.experiment", "lottery.imp", "lottery.gradual", "lottery.pai",
                     "lottery.pai.spec", "lottery.pai.ablations", "lottery.pai.runner",
@@ -54,6 +60,8 @@ HEAVY = {
     ("lottery.data", "lottery.data.mnist1d"): "as above",
     ("lottery.data", "lottery.data.transforms"): "jax and PIL: only to read datasets of images "
                                                  "of varying size",
+    ("lottery.data.stats", "lottery.data.transforms"): "as above: only to compute the "
+                                                       "statistics of a TFDS image dataset",
 }
 
 

@@ -330,7 +330,7 @@ def test_cnn_mnist1d_forward_matches_numpy(cnn1d):
 
 
 def test_stride2_conv_pads_symmetrically_like_pytorch():
-    conv = M._conv3x3(1, "c", stride=2, use_bias=False)
+    conv = M.layers.conv3x3(1, "c", stride=2, use_bias=False)
     kernel = jnp.ones((3, 3, 1, 1))
     y = conv.apply({"params": {"kernel": kernel}}, jnp.ones((1, 4, 4, 1)))
     # Windows start at -1 (padding 1 each side): corner sees 2x2 ones, interior 3x3.

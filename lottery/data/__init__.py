@@ -27,44 +27,39 @@ Image size: datasets whose images vary in size are brought to one shape by the e
 size = `image_size` (default `DEFAULT_IMAGE_SIZE`, 224); `image_size` also resizes a fixed-size
 dataset to another size the same way. The random train policy of that module
 (`random_resized_crop_flip`) is for the training engine.
+
+The package, by what each module holds (every public name is importable from `lottery.data`):
+this `__init__` holds `load`, `info`, `input_shape`, `normalization`, `builder` and `prepare`;
+`registry` the names, `Dataset` and `register`; `tfds_source` what a TFDS dataset's
+`DatasetInfo` says (`Info`) and reading its records; `stats` its cached normalization statistics;
+`download` the data dir and downloading; `mnist5k`, `mnist1d` the offline builders;
+`transforms` resizing and augmenting images; `cli` `lottery prepare`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import socket
-import urllib.parse
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "mnist5k", "mnist1d")
-OFFLINE_DATASETS = ("mnist5k", "mnist1d")
-ENV_VAR = "LOTTERY_DATA_DIR"
+from lottery.data.download import (ENV_VAR, DatasetNotFoundError, check_data_dir,
+                                   download_and_prepare, download_tfds, how_to_prepare,
+                                   resolve_data_dir)
+from lottery.data.registry import (DATASETS, OFFLINE_DATASETS, Dataset, names, register,
+                                   registered, unregister)
+from lottery.data.stats import STATS_FILE, normalization_stats
+from lottery.data.tfds_source import READ_CHUNK, Info, image_info, read_records, train_test_splits
+
 DEFAULT_IMAGE_SIZE = 224  # images of varying size: eval-transformed to this size by default
-STATS_FILE = "lottery_normalization.json"  # beside a prepared dataset's dataset_info.json
 STATS_MAX_EXAMPLES = 50_000  # training images the statistics are computed from, at most
 
-_READ_CHUNK = 8192  # records per bulk read; bounds the list of decoded dicts held at once
-
-
-class Dataset(NamedTuple):
-    """Train and test arrays: x float32 normalized, channels-last; y int32 class ids."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    name: str
-
-
-class DatasetNotFoundError(ValueError):
-    """A real dataset is not prepared (in a readable format) in the data dir searched."""
+__all__ = ["DATASETS", "DEFAULT_IMAGE_SIZE", "ENV_VAR", "OFFLINE_DATASETS", "STATS_FILE",
+           "STATS_MAX_EXAMPLES", "Dataset", "DatasetNotFoundError", "Info", "builder", "check",
+           "info", "input_shape", "load", "names", "normalization", "num_classes", "prepare",
+           "register", "resolve_data_dir", "unregister"]
 
 
 class _Spec(NamedTuple):
@@ -92,72 +87,6 @@ _SPECS = {
 }
 
 
-class Info(NamedTuple):
-    """What a dataset holds, known without reading its records."""
-
-    name: str
-    shape: tuple  # one stored example, channels-last; None where image sizes vary
-    num_classes: int
-    image_key: str  # feature holding the input in a record
-    label_key: str  # feature holding the class id
-
-
-# Datasets registered at run time by `register`: name -> a TFDS builder class, or a Dataset.
-_USER: dict[str, Any] = {}
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-
-
-def names() -> list[str]:
-    """The dataset names known without TFDS: the built-in ones, then those given to `register`."""
-    return [*DATASETS, *_USER]
-
-
-def register(name: str, source: Any, *, overwrite: bool = False) -> None:
-    """Register a dataset under `name`, for `load`, `input_shape`, ... and a config's `dataset`
-    field in this process.
-
-    `source` is a TFDS builder class (a `tfds.core.GeneratorBasedBuilder` subclass with an `Image`
-    and a `ClassLabel` feature, 'train' and 'test' or 'validation' splits), which is prepared in
-    the data dir on first use as the offline datasets are, or a `Dataset` of arrays, which `load`
-    returns as given (normalize them yourself; `normalization` reports the identity). Names are
-    letters, digits, '_' and '-', starting with a letter; a built-in name cannot be replaced, and
-    a registered one only with `overwrite=True`.
-    """
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"dataset name {name!r}: expected letters, digits, '_' or '-', "
-                         f"starting with a letter")
-    if name in DATASETS:
-        raise ValueError(f"dataset name {name!r} is a built-in dataset; choose another name")
-    if name in _USER and not overwrite:
-        raise ValueError(f"dataset name {name!r} is already registered; pass overwrite=True to "
-                         f"replace it")
-    if isinstance(source, Dataset):
-        _check_arrays(name, source)
-    else:
-        import tensorflow_datasets as tfds  # noqa: PLC0415 - TFDS only where needed
-
-        if not (isinstance(source, type) and issubclass(source, tfds.core.DatasetBuilder)):
-            raise ValueError(f"dataset {name!r}: expected a TFDS builder class or a "
-                             f"lottery.data.Dataset, got {type(source).__name__}")
-    _USER[name] = source
-
-
-def unregister(name: str) -> None:
-    """Remove a dataset given to `register` (KeyError if there is none of that name)."""
-    del _USER[name]
-
-
-def _check_arrays(name: str, ds: Dataset) -> None:
-    x, y, xt, yt = (np.asarray(a) for a in (ds.x_train, ds.y_train, ds.x_test, ds.y_test))
-    if x.ndim < 2 or x.shape[1:] != xt.shape[1:] or len(x) != len(y) or len(xt) != len(yt):
-        raise ValueError(f"dataset {name!r}: x_train {x.shape} / y_train {y.shape} and x_test "
-                         f"{xt.shape} / y_test {yt.shape} do not fit (N examples, same shape)")
-    k = int(ds.num_classes)
-    for a in (y, yt):
-        if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= k):
-            raise ValueError(f"dataset {name!r}: labels must be integers in [0, {k})")
-
-
 def _unknown(name: str, root: str, hint: str = "") -> str:
     known = ", ".join(repr(n) for n in names())
     return (f"dataset={name!r}: expected one of {known} (built-in or registered names), or the "
@@ -172,53 +101,16 @@ def info(name: str, *, data_dir: str | os.PathLike | None = None) -> Info:
     if name in _SPECS:
         spec = _SPECS[name]
         return Info(name, spec.shape, spec.num_classes, spec.key, "label")
-    source = _USER.get(name)
+    source = registered(name)
     if isinstance(source, Dataset):
         return Info(name, tuple(np.shape(source.x_train)[1:]), int(source.num_classes), "x", "y")
-    return _image_info(name, builder(name, data_dir=data_dir))
+    return image_info(name, builder(name, data_dir=data_dir))
 
 
 def check(name: str, *, data_dir: str | os.PathLike | None = None) -> None:
     """One-line ValueError unless `name` is a dataset `load` can read (or prepare): a built-in or
     registered name, or a TFDS image-classification dataset. Reads no records."""
     info(name, data_dir=data_dir)
-
-
-def _image_info(name: str, b) -> Info:
-    """Info from a TFDS builder: one uint8 Image and one ClassLabel feature (supervised keys
-    first where there are several)."""
-    from tensorflow_datasets.core import features as tfds_features  # noqa: PLC0415
-
-    feats = b.info.features
-    items = dict(feats.items()) if hasattr(feats, "items") else {}
-    what = ", ".join(f"{k}: {type(f).__name__}" for k, f in items.items()) or repr(feats)
-    sk = b.info.supervised_keys
-    sk = sk if isinstance(sk, (tuple, list)) and len(sk) >= 2 else (None, None)
-
-    def pick(kind, pos):
-        keys = [k for k, f in items.items() if isinstance(f, kind)]
-        if sk[pos] in keys:
-            return sk[pos]
-        if len(keys) == 1:
-            return keys[0]
-        raise ValueError(f"dataset {name!r} is not an image-classification dataset lottery can "
-                         f"load: it needs one {kind.__name__} feature (or supervised keys naming "
-                         f"one), it has {what}")
-
-    image_key = pick(tfds_features.Image, 0)
-    label_key = pick(tfds_features.ClassLabel, 1)
-    image = items[image_key]
-    shape = tuple(None if d is None else int(d) for d in image.shape)
-    dtype = np.dtype(getattr(image, "np_dtype", np.uint8))
-    if dtype != np.uint8 or len(shape) != 3 or shape[-1] not in (1, 3, 4):
-        raise ValueError(f"dataset {name!r}: image feature {image_key!r} is {dtype} of shape "
-                         f"{shape}; lottery loads uint8 (H, W, 1 or 3 or 4) images")
-    if shape[-1] == 4:  # alpha dropped on reading
-        shape = (*shape[:2], 3)
-    classes = items[label_key].num_classes
-    if not classes:
-        raise ValueError(f"dataset {name!r}: label feature {label_key!r} has no number of classes")
-    return Info(name, shape, int(classes), image_key, label_key)
 
 
 def _size(inf: Info, image_size: int | None) -> int | None:
@@ -242,7 +134,7 @@ def input_shape(name: str, *, data_dir: str | os.PathLike | None = None,
     the stored shape, or (size, size, channels) for images of varying size or an `image_size`."""
     inf = info(name, data_dir=data_dir)
     size = _size(inf, image_size)
-    if isinstance(_USER.get(name), Dataset) and size is not None:
+    if isinstance(registered(name), Dataset) and size is not None:
         raise ValueError(f"image_size={image_size}: dataset {name!r} is registered as arrays, "
                          f"which are used as given")
     return inf.shape if size is None else (size, size, inf.shape[-1])
@@ -263,21 +155,10 @@ def normalization(name: str, *, data_dir: str | os.PathLike | None = None
     if name in _SPECS:
         return _SPECS[name].mean, _SPECS[name].std
     inf = info(name, data_dir=data_dir)
-    if isinstance(_USER.get(name), Dataset):
+    if isinstance(registered(name), Dataset):
         c = inf.shape[-1] if len(inf.shape) > 1 else 1
         return (0.0,) * c, (1.0,) * c
-    return _stats(prepare(name, data_dir=data_dir), inf)
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> str:
-    """The data dir used: `data_dir`, else $LOTTERY_DATA_DIR, else TFDS's default."""
-    if data_dir is None:
-        data_dir = os.environ.get(ENV_VAR) or None
-    if data_dir is None:
-        from tensorflow_datasets.core import constants
-
-        data_dir = constants.get_default_data_dir()
-    return os.path.expanduser(os.fspath(data_dir))
+    return normalization_stats(prepare(name, data_dir=data_dir), inf, STATS_MAX_EXAMPLES)
 
 
 def builder(name: str, *, data_dir: str | os.PathLike | None = None) -> Any:
@@ -294,7 +175,7 @@ def builder(name: str, *, data_dir: str | os.PathLike | None = None) -> Any:
         from lottery.data.mnist1d import Mnist1d
 
         return Mnist1d(data_dir=root, file_format="array_record")
-    source = _USER.get(name)
+    source = registered(name)
     if isinstance(source, Dataset):
         raise ValueError(f"dataset {name!r} is registered as arrays: it has no TFDS builder")
     if source is not None:
@@ -312,124 +193,6 @@ def builder(name: str, *, data_dir: str | os.PathLike | None = None) -> Any:
         raise ValueError(_unknown(name, root)) from None
 
 
-def _how_to_prepare(name: str, root: str) -> str:
-    return (f"run `lottery prepare {name} --data-dir {root}` where the network allows (most TFDS "
-            f"builders need TensorFlow to prepare, not to read), or elsewhere python -c \"import "
-            f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{root}')"
-            f".download_and_prepare(file_format='array_record')\" and copy "
-            f"{os.path.join(root, name)} here; or pass data_dir= (or set ${ENV_VAR}) to a dir "
-            f"where it is prepared, or download=True")
-
-
-def _check_data_dir(root: str, name: str, *, writable: bool) -> None:
-    """ValueError naming the data dir if it is not a directory, or if `name` is not there yet and
-    must be prepared (`writable`) but the dir cannot be created or written. Checked before TFDS
-    looks at it, so the error is one line."""
-    where = f"(the data_dir argument, --config.data_dir or ${ENV_VAR})"
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"data dir {root!r} is not a directory {where}")
-    if not writable or os.path.isdir(os.path.join(root, name)):
-        return  # prepared (or being prepared) there: reading needs no write access
-    probe = os.path.join(root, f".lottery_write_test_{os.getpid()}")
-    try:
-        os.makedirs(root, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"data dir {root!r} cannot be created or written ({e.strerror}), and "
-                         f"dataset {name!r} must be prepared there {where}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
-def _missing_tensorflow(e: BaseException | None) -> bool:
-    while e is not None:
-        if isinstance(e, ImportError) and (getattr(e, "name", None) or "").split(".")[0] \
-                == "tensorflow" or "No module named 'tensorflow'" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _urls(b) -> list[str]:
-    try:
-        return sorted((b.url_infos or {}).keys())
-    except Exception:  # no checksums file: the URLs are only known to the builder's code
-        return []
-
-
-def _reachable(hosts: list[str], timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to any of `hosts` ('name' or 'name:port') can be opened."""
-    for host in hosts:
-        name, _, port = host.partition(":")
-        try:
-            socket.create_connection((name, int(port or 443)), timeout=timeout).close()
-            return True
-        except (OSError, ValueError):
-            continue
-    return False
-
-
-def _download(b, name: str, root: str, manual_dir: str | None) -> None:
-    """download_and_prepare a TFDS catalog dataset, or a one-line ValueError saying what to do
-    where that cannot work: files to place by hand, no network, no TensorFlow."""
-    import tensorflow_datasets as tfds
-
-    manual = os.path.expanduser(manual_dir) if manual_dir else os.path.join(root, "downloads",
-                                                                             "manual")
-    has_files = os.path.isdir(manual) and bool(os.listdir(manual))
-    again = f"run `lottery prepare {name} --data-dir {root}"
-    again += f" --manual-dir {manual}`" if manual_dir else "`"
-    instructions = getattr(b, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
-    if instructions and not has_files:
-        what = " ".join(str(instructions).split())
-        raise DatasetNotFoundError(
-            f"dataset {name!r} must be downloaded by hand: put the files TFDS asks for ({what}) "
-            f"in {manual!r} (TFDS's manual_dir) and {again} again")
-    urls = _urls(b)
-    wanted = [os.path.basename(urllib.parse.urlsplit(u).path) for u in urls]
-    if not instructions and not any(os.path.exists(os.path.join(manual, f)) for f in wanted):
-        hosts = [urllib.parse.urlsplit(u).netloc for u in urls]
-        homepage = urllib.parse.urlsplit(getattr(b.info, "homepage", "") or "").netloc
-        hosts = list(dict.fromkeys(hosts or ([homepage] if homepage else [])))[:3]
-        if hosts and not _reachable(hosts):
-            listed = ", ".join(urls[:2]) + (f" (+{len(urls) - 2} more in TFDS's checksums for "
-                                            f"{name})" if len(urls) > 2 else "")
-            files = f"download {listed}" if urls else "download its files"
-            raise DatasetNotFoundError(
-                f"cannot download dataset {name!r}: {hosts[0]} is unreachable from here (no "
-                f"network?); either {files} by hand into {manual!r} (TFDS's manual_dir; keep the "
-                f"file names) and {again} again, or run it on a machine with network and copy "
-                f"the prepared {os.path.join('DATA_DIR', b.name)} into {root!r}")
-    config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual)
-    try:
-        b.download_and_prepare(file_format="array_record", download_config=config)
-    except Exception as e:
-        if b.is_prepared():  # another process prepared it at the same time
-            return
-        if _missing_tensorflow(e):
-            raise DatasetNotFoundError(
-                f"preparing dataset {name!r} needs TensorFlow (TFDS's builder uses it to write "
-                f"the records; reading them does not): pip install tensorflow and {again} again, "
-                f"or prepare it on another machine and copy it into {root!r}") from None
-        raise ValueError(f"cannot prepare dataset {name!r} in data dir {root!r}: "
-                         f"{type(e).__name__}: {_first_line(e)}") from None
-
-
-def _download_and_prepare(b) -> None:
-    import tensorflow_datasets as tfds
-
-    config = tfds.download.DownloadConfig(try_download_gcs=False)
-    try:
-        b.download_and_prepare(file_format="array_record", download_config=config)
-    except Exception:
-        if not b.is_prepared():  # else another process prepared it at the same time
-            raise
-
-
 def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
             download: bool = False, manual_dir: str | os.PathLike | None = None) -> Any:
     """The builder of `name`, prepared in array_record format; returns it (None for registered
@@ -443,27 +206,28 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
     are computed and cached (`STATS_FILE`) once prepared.
     """
     inf = info(name, data_dir=data_dir)
-    if isinstance(_USER.get(name), Dataset):
+    if isinstance(registered(name), Dataset):
         return None
     root = resolve_data_dir(data_dir)
-    offline = name in OFFLINE_DATASETS or name in _USER
-    folder = getattr(_USER[name], "name", name) if name in _USER else re.split("[:/]", name)[0]
-    _check_data_dir(root, folder, writable=offline or download)
+    mine = registered(name)
+    offline = name in OFFLINE_DATASETS or mine is not None
+    folder = getattr(mine, "name", name) if mine is not None else re.split("[:/]", name)[0]
+    check_data_dir(root, folder, writable=offline or download)
     b = builder(name, data_dir=data_dir)
     if not b.is_prepared():
         if offline:
             try:
-                _download_and_prepare(b)
+                download_and_prepare(b)
             except OSError as e:
                 raise ValueError(f"data dir {root!r}: cannot prepare dataset {name!r} there "
                                  f"({e.strerror or e}: {e.filename})") from None
         elif download:
-            _download(b, name, root, os.fspath(manual_dir) if manual_dir else None)
+            download_tfds(b, name, root, os.fspath(manual_dir) if manual_dir else None)
         else:
             raise DatasetNotFoundError(
                 f"dataset {name!r} is not prepared in data dir {root!r} (no "
                 f"{os.path.join(str(b.data_path), 'dataset_info.json')}): "
-                + _how_to_prepare(name, root))
+                + how_to_prepare(name, root))
     from tensorflow_datasets.core import file_adapters
 
     formats = set(b.info.available_file_formats())
@@ -472,77 +236,10 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None,
         raise DatasetNotFoundError(
             f"dataset {name!r} in data dir {root!r} is prepared as {found}, but reading without "
             f"TensorFlow needs array_record; prepare it again into another data dir: "
-            + _how_to_prepare(name, root))
+            + how_to_prepare(name, root))
     if name not in _SPECS:
-        _stats(b, inf)
+        normalization_stats(b, inf, STATS_MAX_EXAMPLES)
     return b
-
-
-def _splits(b, name: str) -> tuple[str, str]:
-    """('train', 'test'), or ('train', 'validation') where there is no 'test' split."""
-    have = list(b.info.splits)
-    test = "test" if "test" in have else "validation" if "validation" in have else None
-    if "train" not in have or test is None:
-        raise ValueError(f"dataset {name!r} has splits {have}; lottery needs 'train' and 'test' "
-                         f"(or 'validation')")
-    return "train", test
-
-
-def _records(source, keys):
-    bulk = getattr(source, "__getitems__", None)  # TFDS sources; plain sequences lack it
-    return bulk(keys) if bulk is not None else [source[i] for i in keys]
-
-
-def _stats(b, inf: Info) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) of pixel / 255 over the training split, read from `STATS_FILE`
-    beside the prepared dataset, or computed (exact integer sums over every pixel of every image,
-    or of `STATS_MAX_EXAMPLES` evenly spaced images) and written there."""
-    path = b.data_path / STATS_FILE
-    if path.exists():
-        saved = json.loads(path.read_text())
-        return tuple(saved["mean"]), tuple(saved["std"])
-    from lottery.data import transforms  # noqa: PLC0415
-
-    split, _ = _splits(b, inf.name)
-    source = b.as_data_source(split=split)
-    n = len(source)
-    idx = np.arange(n) if n <= STATS_MAX_EXAMPLES else np.unique(
-        np.linspace(0, n - 1, STATS_MAX_EXAMPLES).round().astype(np.int64))
-    channels = inf.shape[-1]
-    total = np.zeros(channels, np.int64)
-    squares = np.zeros(channels, np.int64)
-    pixels = 0
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    with tqdm(total=len(idx), desc=f"normalization statistics of {inf.name}", unit="image",
-              disable=len(idx) < 20_000, leave=False) as bar:
-        for start in range(0, len(idx), _READ_CHUNK // 8):
-            keys = [int(i) for i in idx[start:start + _READ_CHUNK // 8]]
-            for r in _records(source, keys):
-                v = transforms.as_channels(np.asarray(r[inf.image_key]), channels)
-                v = v.reshape(-1, channels).astype(np.int64)
-                total += v.sum(axis=0)
-                squares += np.einsum("pc,pc->c", v, v)
-                pixels += v.shape[0]
-            bar.update(len(keys))
-    if pixels == 0:
-        raise ValueError(f"dataset {inf.name!r}: the {split!r} split has no pixels to compute "
-                         f"normalization statistics from")
-    mean = total / pixels / 255.0
-    std = np.sqrt(np.maximum(squares / pixels / 255.0**2 - mean**2, 0.0))
-    std = np.where(std > 0, std, 1.0)  # a constant channel: leave its scale alone
-    stats = {"mean": [float(m) for m in mean], "std": [float(s) for s in std],
-             "split": split, "examples": int(len(idx)), "split_examples": int(n),
-             "pixels_per_channel": int(pixels), "of": "pixel / 255, population std",
-             "dataset": inf.name, "version": str(b.info.version)}
-    try:
-        tmp = b.data_path / f".{STATS_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(stats, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError as e:
-        warnings.warn(f"dataset {inf.name!r}: cannot cache normalization statistics in {path} "
-                      f"({e.strerror or e}); they are computed again on every load", stacklevel=2)
-    return tuple(stats["mean"]), tuple(stats["std"])
 
 
 def _check_memory(name: str, counts: list[int], shape: tuple[int, ...]) -> None:
@@ -577,9 +274,9 @@ def _read(b, split: str, inf: Info, size: int | None, shape: tuple[int, ...], sc
             x = transforms.as_channels(x, shape[-1])
         return x if size is None else transforms.eval_transform(x, size)
 
-    for start in range(0, n, _READ_CHUNK):
-        keys = range(start, min(start + _READ_CHUNK, n))
-        records = _records(source, keys)
+    for start in range(0, n, READ_CHUNK):
+        keys = range(start, min(start + READ_CHUNK, n))
+        records = read_records(source, keys)
         xs = np.stack([example(r) for r in records])
         if stored is None:
             stored = np.empty((n,) + xs.shape[1:], xs.dtype)
@@ -606,7 +303,7 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, download: bool
     TFDS download and prepare a missing dataset, as `lottery prepare NAME` does.
     """
     inf = info(name, data_dir=data_dir)
-    source = _USER.get(name)
+    source = registered(name)
     if isinstance(source, Dataset):
         input_shape(name, image_size=image_size)  # rejects a resize of registered arrays
         return source._replace(name=name)
@@ -617,7 +314,8 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, download: bool
         spec = _SPECS[name]
         splits, scale, mean, std = ("train", "test"), spec.scale, spec.mean, spec.std
     else:
-        splits, scale, (mean, std) = _splits(b, name), 255.0, _stats(b, inf)
+        splits, scale = train_test_splits(b, name), 255.0
+        mean, std = normalization_stats(b, inf, STATS_MAX_EXAMPLES)
     _check_memory(name, [b.info.splits[s].num_examples for s in splits], shape)
     x_train, y_train = _read(b, splits[0], inf, size, shape, scale, mean, std)
     x_test, y_test = _read(b, splits[1], inf, size, shape, scale, mean, std)

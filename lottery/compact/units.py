@@ -1,49 +1,23 @@
-"""Structured compaction: a physically smaller flax model computing what a masked one computes.
-
-A *unit* is an output neuron of a Dense layer or an output channel of a Conv. The masked network
-does not need a unit when
-  * every weight reading it is zero (no outputs): it is dropped;
-  * every weight feeding it is zero (no inputs): it then outputs a constant, relu of its bias
-    (through its batch norm's running averages when it has one). The constant is folded into the
-    bias of the Dense layer that reads it (max pools, the flatten and the mean pool keep a
-    constant constant) and the unit is dropped. A zero-padded conv sees a constant channel
-    differently at the border, so a unit with a non-zero constant that a conv reads is kept.
-Dropping a unit drops the matching inputs of the layers reading it (for conv -> flatten -> dense,
-rows (h * W + w) * C + c of the dense kernel for channel c), which can free more units: this
-repeats until nothing changes. Output classes and input features are never removed.
-
-Supported (the registry's sequential models): LeNet300100, ConvNet (Conv-2/4/6), VGG (batch norm
-sliced with its conv), MLP1D (its residual h + relu(fc2(h)) ties unit j of fc1 and fc2: they go
-together or not at all) and CNN1D. MLP1D and CNN1D have one width for several layers, so they get
-the widest layer's kept count; narrower layers are padded with zero units, which compute exactly 0.
-A layer left with no unit keeps one zero unit. Compaction is for inference: batch norm is
-evaluated with its running averages (train=False).
-
-ResNet goes through `lottery.groups`: its channels are the coupled groups derived from the traced
-model (the stem and every block output of a stage are one group, through the residual adds; each
-block's inner conv1/bn1 channels another). A channel of a group is removed when nothing reads it
-(every reader's input rows zero), which is what `lottery.groups.expand` makes of a removed channel;
-then every member goes (producer filters, batch norm scale, bias, mean and var, readers' rows).
-No constant is folded here: a ResNet mask that zeroes a conv's filters but not the rows that read
-them leaves its batch norm's constant beta - mean * gamma / sqrt(var + eps) in use, and that
-channel stays. A group left with nothing read keeps one channel (its readers' rows are zero). The
-result is a `SlimResNet`: ResNet's layers and names with a width per stage and per block.
+"""Compaction of the registry's sequential models (LeNet300100, ConvNet, VGG, MLP1D, CNN1D) by
+units, the cascade of `lottery.compact`'s docstring: a unit (a Dense output neuron or a Conv output
+channel) with no outputs is dropped, one with no inputs has its constant folded into the Dense
+layer reading it, until nothing changes. `Compacted` is what every compaction returns.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lottery import groups as groups_lib, masks, models
+from lottery import models
 
 PyTree = Any
 SUPPORTED = ("LeNet300100", "ConvNet", "VGG", "MLP1D", "CNN1D", "ResNet")
-BN_EPSILON = 1e-5  # lottery.models._bn
+BN_EPSILON = 1e-5  # lottery.models.layers.batch_norm
 BN_MOMENTUM = 0.9
 
 
@@ -261,25 +235,9 @@ def _positions(p, spec: _Spec) -> dict[str, int]:
     return out
 
 
-def compact(model: nn.Module, variables: dict, mask: PyTree | None = None) -> Compacted:
-    """The smaller model of the same class (a `SlimResNet` for a ResNet), with the units the
-    masked network does not need removed.
 
-    `variables` are the model's ('params' and, for VGG and ResNet, 'batch_stats'); `mask` a bool
-    pytree like the params (None: exact zeros in the params are the pruned weights). The compacted
-    model's outputs equal `model.apply(masked variables, x, train=False)` up to float rounding.
-    Raises ValueError if nothing can be removed, or for a model or layer it does not support.
-    """
-    if not hasattr(variables, "keys") or "params" not in variables:
-        raise ValueError("variables must be the model's variable dict with a 'params' entry "
-                         "(as returned by model.init)")
-    params = variables["params"]
-    if mask is not None:
-        masks.check(mask, params)
-        params = jax.tree.map(lambda p, m: np.where(np.asarray(m, bool), np.asarray(p), 0)
-                              .astype(np.asarray(p).dtype), params, mask)
-    if isinstance(model, (models.ResNet, SlimResNet)):
-        return _compact_resnet(model, variables, params)
+def compact_units(model: nn.Module, variables: dict, params: PyTree) -> Compacted:
+    """`lottery.compact.compact` of a sequential model; `params` are the masked params."""
     spec = _spec(model, params)
     batch_stats = variables.get("batch_stats", {})
     _check_layers(spec, params, batch_stats, type(model).__name__)
@@ -331,132 +289,3 @@ def summary(c: Compacted) -> str:
         pad = f" (+{w - k} zero units)" if w > k else ""
         lines.append(f"{layer}: {n} -> {k} units{pad}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# ResNet, through the channel groups of lottery.groups.
-
-
-class _SlimBlock(nn.Module):
-    """lottery.models.ResBlock with its own inner width (conv1/bn1) and output width."""
-
-    inner: int
-    features: int
-    stride: int = 1
-    projection: bool = False
-    bn_init: str = "uniform"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        def conv(n, name, stride=1, size=3):
-            pad = ((1, 1), (1, 1)) if size == 3 else "VALID"
-            return nn.Conv(n, (size, size), strides=(stride, stride), padding=pad, use_bias=False,
-                           kernel_init=models.kaiming_normal, name=name)
-
-        def bn(name):
-            return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                epsilon=BN_EPSILON, scale_init=models.BN_SCALE_INITS[self.bn_init],
-                                name=name)
-
-        y = nn.relu(bn("bn1")(conv(self.inner, "conv1", self.stride)(x)))
-        y = bn("bn2")(conv(self.features, "conv2")(y))
-        if self.projection:
-            x = bn("shortcut_bn")(conv(self.features, "shortcut_conv", self.stride, 1)(x))
-        return nn.relu(y + x)
-
-
-class SlimResNet(nn.Module):
-    """A compacted `lottery.models.ResNet`: the same layers, names and computation, with a width
-    per stage (`widths`: the stem and every block output of the stage, one channel group) and per
-    block (`inner`: conv1/bn1, stage-major). Projection shortcuts at the start of stages 2 and 3,
-    as ResNet. With `widths` (W, 2W, 4W) and every inner width equal to its stage's it has
-    exactly ResNet-D's parameters."""
-
-    num_classes: int = 10
-    depth: int = 20
-    widths: Sequence[int] = (16, 32, 64)
-    inner: Sequence[int] = ()
-    bn_init: str = "uniform"
-    bias_init: str = "torch"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(f"depth={self.depth}: must be 6n + 2 with n >= 1 (20, 32, 56, ...)")
-        n = (self.depth - 2) // 6
-        inner = tuple(self.inner) or tuple(w for w in self.widths for _ in range(n))
-        if len(self.widths) != 3 or len(inner) != 3 * n:
-            raise ValueError(f"SlimResNet(depth={self.depth}) needs 3 stage widths and {3 * n} "
-                             f"inner widths, got {tuple(self.widths)} and {inner}")
-        x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=models.kaiming_normal, name="conv")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                 epsilon=BN_EPSILON, scale_init=models.BN_SCALE_INITS[self.bn_init],
-                                 name="bn")(x))
-        for s in range(3):
-            for b in range(n):
-                x = _SlimBlock(inner[s * n + b], self.widths[s], 2 if s > 0 and b == 0 else 1,
-                               s > 0 and b == 0, self.bn_init, name=f"stage{s + 1}_block{b}")(
-                    x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        bias = (models.torch_default_bias(x.shape[-1]) if self.bias_init == "torch"
-                else models.zeros)
-        return nn.Dense(self.num_classes, kernel_init=models.kaiming_normal, bias_init=bias,
-                        name="out")(x)
-
-
-MODULES = (SlimResNet,)  # module classes compaction builds, besides lottery.models' own
-
-
-def _resnet_fields(model: nn.Module) -> tuple[dict, int]:
-    """SlimResNet fields of a ResNet or SlimResNet (before compaction) and its blocks per stage."""
-    n = (model.depth - 2) // 6
-    if isinstance(model, SlimResNet):
-        return {"widths": tuple(model.widths), "inner": tuple(model.inner)}, n
-    if model.depth < 8 or (model.depth - 2) % 6:
-        raise ValueError(f"depth={model.depth}: must be 6n + 2 with n >= 1 (20, 32, 56, ...)")
-    widths = tuple(model.width * 2**s for s in range(3))
-    return {"widths": widths, "inner": tuple(w for w in widths for _ in range(n))}, n
-
-
-def _compact_resnet(model: nn.Module, variables: dict, params: PyTree) -> Compacted:
-    """Remove the channels of every ResNet group that nothing reads (see the module docstring)."""
-    cin = np.shape(params["conv"]["kernel"])[2]
-    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype),
-                          dict(variables))
-    # ResNet's channel groups do not depend on the spatial size (global mean pool): any will do
-    x = jax.ShapeDtypeStruct((1, 32, 32, cin), jnp.float32)
-    g = groups_lib.derive(model, shapes, x, train=False)
-    unread = groups_lib.unread(g, params)
-    if not any(u.any() for u in unread):
-        raise ValueError(
-            f"no removable channel in {type(model).__name__}: every channel of its "
-            f"{len(g)} groups is read by some kernel (a ResNet channel goes when every reader's "
-            f"input rows are zero, its batch norm constant otherwise stays in use); prune whole "
-            f"groups with lottery.groups (prune, or to_density + expand), or use "
-            f"lottery.sparse for unstructured masks")
-    keep = [np.flatnonzero(~u) if not u.all() else np.arange(1) for u in unread]
-    kept = [np.flatnonzero(~u) for u in unread]
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    sliced = groups_lib.take(g, {"params": params, **rest}, keep)
-    p = sliced["params"]
-    fields, n = _resnet_fields(model)
-    fields["widths"] = tuple(int(np.shape(p[f"stage{s + 1}_block0"]["conv2"]["kernel"])[-1])
-                             for s in range(3))
-    fields["inner"] = tuple(int(np.shape(p[f"stage{s + 1}_block{b}"]["conv1"]["kernel"])[-1])
-                            for s in range(3) for b in range(n))
-    new = SlimResNet(num_classes=model.num_classes, depth=model.depth, bn_init=model.bn_init,
-                     bias_init=model.bias_init, **fields)
-    want = jax.eval_shape(lambda: models.init(new, jax.random.key(0), (8, 8, cin)))
-    got = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype), sliced)
-    if jax.tree.map(lambda a: a.shape, dict(want)) != jax.tree.map(lambda a: a.shape, got):
-        raise ValueError(f"cannot rebuild {type(model).__name__} from its sliced variables: the "
-                         f"channel groups do not match SlimResNet's widths {fields}")
-    out = {"params": jax.tree.map(jnp.asarray, p)}
-    if "batch_stats" in sliced:
-        out["batch_stats"] = jax.tree.map(jnp.asarray, sliced["batch_stats"])
-    k_map, w_map, o_map = {}, {}, {}
-    for grp, k, kk in zip(g, kept, keep):
-        for layer in grp.layers:
-            k_map[layer], w_map[layer], o_map[layer] = k, len(kk), grp.size
-    return Compacted(new, out, k_map, w_map, o_map)
