@@ -31,7 +31,7 @@ CONTROLS = ("reinit", "random_prune")
 # more controls, more scorers, compression points or ablations of a prune-at-init sweep).
 UNHASHED = ("levels", "data_dir", "loop", "progress", "controls", "control_seeds",
             "control_levels", "checkpoint_seconds", "eval_batch_size",
-            "scorers", "compressions", "densities", "ablations", "devices")
+            "scorers", "compressions", "densities", "ablations", "devices", "replica_strategy")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -63,6 +63,11 @@ def base() -> ml_collections.ConfigDict:
     c.eval_every = "1ep"
     c.eval_batch_size = 1000
     c.loop = "auto"  # auto | scan | steps
+    # forward/backward (and eval) dtype; weights, optimizer state and BN statistics stay float32
+    c.compute_dtype = "float32"  # float32 | bfloat16
+    # how K replicas (controls, seeds) share a device: auto (vmap for MLPs, sequential for conv
+    # nets) | vmap | map (lax.map, one program) | sequential; equal results up to rounding
+    c.replica_strategy = "auto"
     # pruning
     c.levels = 5  # IMP levels after the dense level 0
     c.fraction = 0.2  # share of the remaining prunable weights removed per level
@@ -91,7 +96,7 @@ def base() -> ml_collections.ConfigDict:
 # A saved config without them means that value, and at that value they are left out of the hash,
 # so the directories of older runs keep their names.
 LEGACY = {"bias_init": "zeros", "bn_init": "uniform", "sampling": "epochs", "count_rule": "exact",
-          "image_size": 0}
+          "image_size": 0, "compute_dtype": "float32"}
 # Config fields that are model options, passed to the models that have them (`model`).
 MODEL_OPTIONS = ("bias_init", "bn_init")
 
@@ -250,6 +255,8 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     _choice(cfg, "lr_schedule", train.LR_SCHEDULES)
     _choice(cfg, "augment", tuple(train.AUGMENTATIONS))
     _choice(cfg, "loop", train.LOOPS)
+    _choice(cfg, "compute_dtype", train.COMPUTE_DTYPES)
+    _choice(cfg, "replica_strategy", train.REPLICA_STRATEGIES)
     _choice(cfg, "sampling", train.SAMPLINGS)
     _choice(cfg, "scope", SCOPES)
     _choice(cfg, "rewind", REWINDS)

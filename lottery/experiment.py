@@ -47,7 +47,9 @@ class Setup:
                                   nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.mesh = distributed.data_mesh(cfg.devices, cfg.batch_size)  # None: one device
         self.trainer = train_lib.Trainer(self.model, self.tx, cfg.batch_size, cfg.augment, cfg.loop,
-                                         mesh=self.mesh, sampling=cfg.sampling)
+                                         mesh=self.mesh, sampling=cfg.sampling,
+                                         compute_dtype=cfg.get("compute_dtype", "float32"),
+                                         replica_strategy=cfg.get("replica_strategy", "auto"))
         if cfg.rewind == "finetune":
             self.finetune_steps = parse(cfg.finetune_steps or cfg.training_steps, "finetune_steps")
             self.ft_tx = optim.optimizer(cfg.optimizer, cfg.finetune_lr, momentum=cfg.momentum,
@@ -115,12 +117,22 @@ def train_level(s: Setup, run_dir: str, level: int, mask, prev_final, desc: str,
     checkpoint; level 0 saves the rewind point at `rewind_step`. With `mask_update` (AGP) the mask
     changes during training: records carry its 'density', checkpoints hold {'state', 'mask'},
     and mask/ and info.json are written at the end. `callback(state, mask, record)` is called at
-    every pause, after this bookkeeping.
+    every pause, after this bookkeeping. A level whose final/ a kill left without its DONE is
+    completed without training again (`_trained`).
     """
     ldir = rundir.level_dir(run_dir, level)
     os.makedirs(ldir, exist_ok=True)
     metrics = os.path.join(ldir, rundir.METRICS)
     state, trainer, total = start_state(s, run_dir, level, mask, prev_final)
+    written = ("final", "mask") if mask_update else ("final",)
+    trained = _trained(run_dir, level, written, total, state, mask)
+    if trained is not None:  # a kill came after final/ was written: only complete the level
+        state, mask = trained
+        if mask_update is not None and not os.path.exists(os.path.join(ldir, rundir.INFO)):
+            rundir.write_info(ldir, mask, s.rates)
+        rundir.rmtree(os.path.join(ldir, rundir.CHECKPOINT))
+        rundir.mark_done(ldir)
+        return state
     latest = rundir.latest_checkpoint(ldir)
     if latest is None:
         rundir.truncate_metrics(metrics, None)  # starting over: no record is kept
@@ -153,9 +165,8 @@ def train_level(s: Setup, run_dir: str, level: int, mask, prev_final, desc: str,
         callback=pause if mask_update else lambda st, record: pause(st, mask, record),
         progress=desc if progress(s.cfg) else False)
     state = out[0]
-    written = ("final", "mask") if mask_update else ("final",)
     for name in written:
-        rundir.rmtree(os.path.join(ldir, name))  # half-written by a kill before DONE
+        rundir.rmtree(os.path.join(ldir, name))  # what a kill left (see `_trained`)
     checkpoints.save(os.path.join(ldir, "final"), state)
     if mask_update is not None:
         checkpoints.save(os.path.join(ldir, "mask"), out[1])
@@ -163,6 +174,27 @@ def train_level(s: Setup, run_dir: str, level: int, mask, prev_final, desc: str,
     rundir.rmtree(os.path.join(ldir, rundir.CHECKPOINT))
     rundir.mark_done(ldir)
     return state
+
+
+def _trained(run_dir: str, level: int, written: tuple[str, ...], total: int, like_state,
+             like_mask):
+    """(final state, mask) of a level that finished training but was not marked DONE (a kill
+    came between its final/ and its DONE): its `written` checkpoints (final/, and mask/ for AGP)
+    exist and verify and its metrics.jsonl ends at step `total`. Else None: the level trains
+    (resuming from its latest in-level checkpoint), and replaces what is there."""
+    ldir = rundir.level_dir(run_dir, level)
+    if not all(checkpoints.exists(os.path.join(ldir, n)) for n in written):
+        return None
+    if not rundir.ends_at(os.path.join(ldir, rundir.METRICS), total):
+        return None
+    hint = rundir.hint(run_dir, level)
+    try:
+        state = checkpoints.restore(os.path.join(ldir, "final"), like_state, hint=hint)
+        mask = checkpoints.restore(os.path.join(ldir, "mask"), like_mask, hint=hint) \
+            if "mask" in written else like_mask
+    except checkpoints.CorruptCheckpointError:
+        return None  # not done yet, so nothing depends on it: train the level again
+    return state, mask
 
 
 def level_mask(s: Setup, run_dir: str, level: int, like: PyTree,

@@ -34,6 +34,7 @@ the density of the mask the network had at that step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable, NamedTuple
@@ -222,10 +223,11 @@ def _levels(experiment: str) -> tuple[int, ...]:
     return (0, 1) if experiment == "oneshot" else (0,)
 
 
+@contextlib.contextmanager
 def _open_run(cfg: ml_collections.ConfigDict, workdir: str, discard: int | None):
-    """Validate everything (data included), then create or reopen the run directory with its
-    config.json and init/; returns (Setup, run_dir, initial variables), or (None, run_dir, None)
-    for a finished run (nothing to load)."""
+    """Validate everything (data included), then lock (`rundir.writing`) and create or reopen
+    the run directory with its config.json and init/; yields (Setup, run_dir, initial variables)
+    with the lock held, or (None, run_dir, None) for a finished run (nothing to load or write)."""
     validate(cfg)
     if discard is not None and discard not in _levels(cfg.experiment):
         raise ValueError(f"--discard-level {discard}: expected a level of an experiment="
@@ -233,13 +235,14 @@ def _open_run(cfg: ml_collections.ConfigDict, workdir: str, discard: int | None)
     run_dir = rundir.prepare(cfg, workdir)
     if discard is None and all(rundir.is_done(rundir.level_dir(run_dir, lv))
                                for lv in _levels(cfg.experiment)):
-        return None, run_dir, None
+        yield None, run_dir, None
+        return
     s = Setup(cfg)
     validate(cfg, s.spe)
-    rundir.create(run_dir, cfg)
-    if discard is not None:
-        rundir.discard_level(run_dir, discard)
-    return s, run_dir, init_variables(s, run_dir)
+    with rundir.writing(run_dir, cfg):
+        if discard is not None:
+            rundir.discard_level(run_dir, discard)
+        yield s, run_dir, init_variables(s, run_dir)
 
 
 def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None = None,
@@ -251,9 +254,14 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
     """
     if cfg.get("experiment") != "agp":
         raise ValueError(f"experiment={cfg.get('experiment')!r}: run_agp needs 'agp'")
-    s, run_dir, init_vars = _open_run(cfg, workdir, discard)
-    if s is None:
-        return run_dir
+    with _open_run(cfg, workdir, discard) as (s, run_dir, init_vars):
+        if s is not None:
+            _agp_level(s, run_dir, init_vars, callback)
+    return run_dir
+
+
+def _agp_level(s: Setup, run_dir: str, init_vars, callback) -> None:
+    cfg = s.cfg
     mask = masks.init(init_vars["params"])
     schedule = agp_schedule(mask, s.rates, final_density=cfg.final_density,
                             start=_parse(cfg, "prune_start", s.spe),
@@ -261,7 +269,6 @@ def run_agp(cfg: ml_collections.ConfigDict, workdir: str, *, discard: int | None
                             every=_parse(cfg, "prune_every", s.spe), scope=cfg.scope)
     train_level(s, run_dir, 0, mask, None, f"agp to density {cfg.final_density}",
                 mask_update=agp_update(schedule, mask, s.rates, cfg.scope), callback=callback)
-    return run_dir
 
 
 def oneshot_mask(params: PyTree, mask: PyTree, inputs: scorers.Inputs | None, *,
@@ -310,9 +317,13 @@ def run_oneshot(cfg: ml_collections.ConfigDict, workdir: str, *,
     """Run (or resume) a one-shot prune + fine-tune experiment; returns its run directory."""
     if cfg.get("experiment") != "oneshot":
         raise ValueError(f"experiment={cfg.get('experiment')!r}: run_oneshot needs 'oneshot'")
-    s, run_dir, init_vars = _open_run(cfg, workdir, discard)
-    if s is None:
-        return run_dir
+    with _open_run(cfg, workdir, discard) as (s, run_dir, init_vars):
+        if s is not None:
+            _oneshot_levels(s, run_dir, init_vars)
+    return run_dir
+
+
+def _oneshot_levels(s: Setup, run_dir: str, init_vars) -> None:
     rewind_path = os.path.join(run_dir, "rewind")
     if not checkpoints.exists(rewind_path):
         rundir.rmtree(rewind_path)
@@ -327,7 +338,6 @@ def run_oneshot(cfg: ml_collections.ConfigDict, workdir: str, *,
             desc = "dense training" if level == 0 else \
                 f"fine-tune (density {masks.density(mask, s.rates):.3f})"
             final = train_level(s, run_dir, level, mask, final, desc)
-    return run_dir
 
 
 def describe(cfg: ml_collections.ConfigDict) -> str:

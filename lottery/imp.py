@@ -14,6 +14,7 @@ Run directory (`lottery.rundir`; a level is complete once its DONE file exists):
   config.json, init/, rewind/,
   level_<L>/{mask/, final/, checkpoint/<step>/, info.json, metrics.jsonl, DONE}
   level_<L>/controls/<control>_s<seed>/{mask/, metrics.jsonl}, level_<L>/controls/DONE
+  (and level_<L>/controls/checkpoint/<step>/ while the controls train)
 `summary` reads it back as one row per level (also for oneshot and agp runs).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any, Sequence
 
 import jax
@@ -116,25 +118,53 @@ def control_starts(s: Setup, run_dir: str, level: int, mask, prev_final):
 
 
 def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
-    """Train the level's controls (`control_starts`) together as vmapped replicas."""
+    """Train the level's controls (`control_starts`) together as vmapped replicas.
+
+    Like a level: every evaluation appends one line to each control's metrics.jsonl and, at most
+    every `checkpoint_seconds`, the stacked replica state is saved in
+    `controls/checkpoint/<step>/`; a rerun resumes from the latest one (dropping the lines written
+    after it). Once every control's metrics reach the last step, each control's mask/ (fixed
+    before training) and then the controls' DONE are written; a rerun after a kill there only
+    writes what is missing.
+    """
     cdir = os.path.join(rundir.level_dir(run_dir, level), "controls")
     if rundir.is_done(cdir):
         return
-    rundir.rmtree(cdir)
     names, states, cmasks, trainer, total = control_starts(s, run_dir, level, mask, prev_final)
     if not names:
         return
-    _, hist = train_lib.train(trainer, train_lib.stack(states), train_lib.stack(cmasks), s.data,
-                              num_steps=total, eval_every=s.eval_every, replicas=True,
-                              progress=f"level {level} controls" if progress(s.cfg) else False)
-    for i, (name, m) in enumerate(zip(names, cmasks)):
-        d = os.path.join(cdir, name)
-        os.makedirs(d, exist_ok=True)
-        checkpoints.save(os.path.join(d, "mask"), m)
-        for rec in hist:
-            if "test_accuracy" in rec:
-                rundir.append_metrics(os.path.join(d, rundir.METRICS),
-                                      {k: (v[i] if np.ndim(v) else v) for k, v in rec.items()})
+    paths = [os.path.join(cdir, name, rundir.METRICS) for name in names]
+    if not all(rundir.ends_at(p, total) for p in paths):
+        for name in names:
+            os.makedirs(os.path.join(cdir, name), exist_ok=True)
+        state = train_lib.stack(states)
+        latest = rundir.latest_checkpoint(cdir)
+        if latest is not None:
+            state = checkpoints.restore(latest[1], state, hint=rundir.hint(run_dir, level))
+        for p in paths:
+            rundir.truncate_metrics(p, None if latest is None else latest[0])
+        last_save = [time.monotonic()]
+
+        def pause(st, record):
+            if "test_accuracy" not in record:
+                return
+            for i, p in enumerate(paths):
+                rundir.append_metrics(p, {k: (v[i] if np.ndim(v) else v)
+                                          for k, v in record.items()})
+            step = int(record["step"])
+            if step < total and time.monotonic() - last_save[0] >= s.cfg.checkpoint_seconds:
+                rundir.save_in_level(cdir, step, st)
+                last_save[0] = time.monotonic()
+
+        train_lib.train(trainer, state, train_lib.stack(cmasks), s.data, num_steps=total,
+                        eval_every=s.eval_every, replicas=True, callback=pause,
+                        progress=f"level {level} controls" if progress(s.cfg) else False)
+    for name, m in zip(names, cmasks):
+        path = os.path.join(cdir, name, "mask")
+        if not checkpoints.exists(path):
+            rundir.rmtree(path)
+            checkpoints.save(path, m)
+    rundir.rmtree(os.path.join(cdir, rundir.CHECKPOINT))
     rundir.mark_done(cdir)
 
 
@@ -149,7 +179,14 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
     if discard is not None:
         rundir.check_discard(run_dir, discard)
     s = Setup(cfg)  # loads data and validates everything that needs its size, before writing
-    rundir.create(run_dir, cfg)
+    with rundir.writing(run_dir, cfg):  # one process at a time; nothing written before it
+        _run_levels(s, run_dir, discard)
+    return run_dir
+
+
+def _run_levels(s: Setup, run_dir: str, discard: int | None) -> None:
+    """find_ticket's work, under the run lock: discard, init, rewind, then level by level."""
+    cfg = s.cfg
     if discard is not None:
         rundir.discard_level(run_dir, discard)
     init_vars = init_variables(s, run_dir)
@@ -176,7 +213,6 @@ def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
                 _run_controls(s, run_dir, level, mask, prev_final)
         prev_final = final
     levels.close()
-    return run_dir
 
 
 @contextlib.contextmanager

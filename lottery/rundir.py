@@ -12,18 +12,32 @@ it through them. A run directory is `<workdir>/<experiment>_<model>_<dataset>_<h
     metrics.jsonl          one JSON line per evaluation (`append_metrics`)
     info.json              density, kept, total and per-layer counts of the mask (`write_info`)
     DONE                   written last: the level is complete (`mark_done`)
+    controls/              imp's controls of the level: checkpoint/<step>/ (the stacked
+                           replicas) while they train, <control>/{mask/, metrics.jsonl}, DONE
+  .lock                    the run lock (`writing`): pid and host of the process holding it
 
 (prune-at-init sweeps keep their cells, `<cell>/<point>/`, with the same files and markers.)
 Plain files are written by process 0 only; JSON files atomically (a temporary file renamed into
-place). Strict reads turn a damaged file into a ValueError naming it. One writer per run
-directory is assumed: a run lock would go here.
+place). Strict reads turn a damaged file into a ValueError naming it.
+
+What a kill at any moment leaves is resumable without help and bit-identical to a run that was
+never interrupted: checkpoints are written whole or not at all (`checkpoints.save`), directories
+are deleted by first renaming them out of the way (`rmtree`: a half-deleted checkpoint or level
+is never read), a level whose final/ is written but not yet marked DONE is completed without
+retraining (`experiment.train_level`). One process writes a run directory at a time: every
+experiment kind runs inside `writing`, which holds an exclusive lock on `<run_dir>/.lock`
+(released by the OS when the holder dies, so a killed run never blocks its restart).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 from typing import Any
 
 import jax
@@ -36,6 +50,8 @@ PyTree = Any
 
 CONFIG, METRICS, INFO, DONE = "config.json", "metrics.jsonl", "info.json", "DONE"
 CHECKPOINT = "checkpoint"  # in a level directory: checkpoint/<step>/ while it trains
+LOCK = ".lock"  # in the run directory: held (flock) by the one process writing it
+_TRASH = ".deleting"  # suffix of a directory `rmtree` is deleting
 
 
 # ---- the directory of a config ----
@@ -73,6 +89,56 @@ def create(run_dir: str, cfg: ml_collections.ConfigDict) -> None:
         write_json(os.path.join(run_dir, CONFIG), cfg.to_dict())
 
 
+@contextlib.contextmanager
+def writing(run_dir: str, cfg: ml_collections.ConfigDict):
+    """Hold the run directory's lock (`lock`) and create it (`create`): every experiment kind
+    writes its run directory only inside this, so nothing is written before the lock is held."""
+    with lock(run_dir):
+        create(run_dir, cfg)
+        yield
+
+
+@contextlib.contextmanager
+def lock(run_dir: str):
+    """Hold an exclusive lock on `run_dir` (flock on `<run_dir>/.lock`) until the block ends.
+
+    The holder writes its pid and host into the lock file. A second process gets a ValueError
+    naming them and has written nothing (the file is opened without truncating it and only
+    written once the lock is held). The OS releases the lock when its holder exits or is killed,
+    so a stale lock file never blocks a restart. Multi-host: process 0 locks; the others do not
+    write plain files and do not lock.
+    """
+    if not distributed.is_main_process():
+        yield
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ValueError(f"run directory {run_dir} is in use by {_holder(fd)} (lock "
+                             f"{path}); wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}).encode())
+        os.fsync(fd)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """'process N on host H' from a held lock file (what its holder wrote into it)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"process {int(info['pid'])} on host {info['hostname']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its pid yet)"
+
+
 def hint(run_dir: str, level: int) -> str:
     """What to do about a damaged level: the sentence every error about one ends with."""
     return (f"Rerun with --discard-level {level} to delete level {level} of {run_dir} and "
@@ -82,9 +148,17 @@ def hint(run_dir: str, level: int) -> str:
 # ---- plain files ----
 
 def rmtree(path: str) -> None:
-    """Delete a directory if it exists (process 0 only: the others share its filesystem)."""
-    if distributed.is_main_process():
-        shutil.rmtree(path, ignore_errors=True)
+    """Delete a directory if it exists, as one step for its readers: it is first renamed to
+    `<path>.deleting` (which no reader looks at), then deleted, so a kill never leaves a
+    half-deleted checkpoint, level or cell under its own name; a `<path>.deleting` a kill left
+    is deleted too. Process 0 only: the others share its filesystem."""
+    if not distributed.is_main_process():
+        return
+    trash = path + _TRASH
+    if os.path.lexists(path):
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_json(path: str, obj) -> None:
@@ -137,6 +211,13 @@ def read_metrics(path: str, *, partial_last: bool = False) -> list[dict]:
     ValueError naming the file, except, with `partial_last`, a last line cut short (what a
     kill leaves in a level being resumed; it is written again), which is dropped."""
     return read_jsonl(path, complete=not partial_last)
+
+
+def ends_at(path: str, step: int) -> bool:
+    """Whether the metrics file at `path` has records and its last one is at `step` (a last
+    line cut short by a kill does not count)."""
+    recs = read_metrics(path, partial_last=True)
+    return bool(recs) and recs[-1].get("step") == step
 
 
 def _to_py(v):
@@ -208,19 +289,29 @@ def mark_done(path: str) -> None:
 # ---- in-level checkpoints ----
 
 def latest_checkpoint(ldir: str) -> tuple[int, str] | None:
-    """(step, path) of the level's latest in-level checkpoint, or None."""
+    """(step, path) of the level's latest complete in-level checkpoint (`checkpoints.exists`:
+    one a kill left half-written or half-deleted is never picked), or None."""
     ckdir = os.path.join(ldir, CHECKPOINT)
-    steps = sorted(int(d) for d in os.listdir(ckdir) if d.isdigit()) \
+    steps = sorted(int(d) for d in os.listdir(ckdir)
+                   if d.isdigit() and checkpoints.exists(os.path.join(ckdir, d))) \
         if os.path.isdir(ckdir) else []
     return (steps[-1], os.path.join(ckdir, str(steps[-1]))) if steps else None
 
 
 def save_in_level(ldir: str, step: int, tree: PyTree) -> None:
-    """Save `tree` as the level's checkpoint at `step` and delete the earlier ones."""
+    """Save `tree` as the level's checkpoint at `step` and delete everything else in its
+    checkpoint directory (earlier checkpoints, what a kill left)."""
     ckdir = os.path.join(ldir, CHECKPOINT)
-    checkpoints.save(os.path.join(ckdir, str(step)), tree)
-    for old in (d for d in os.listdir(ckdir) if d.isdigit() and int(d) < step):
-        rmtree(os.path.join(ckdir, old))
+    path = os.path.join(ckdir, str(step))
+    if os.path.exists(path) and not checkpoints.exists(path):
+        rmtree(path)  # an incomplete directory of an older version
+    checkpoints.save(path, tree)
+    for old in sorted(os.listdir(ckdir)):
+        if old.endswith(_TRASH):
+            if distributed.is_main_process():
+                shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
+        elif old != str(step):
+            rmtree(os.path.join(ckdir, old))
 
 
 # ---- discarding levels ----

@@ -10,8 +10,17 @@ All randomness comes from the state's `key`: the data order of epoch e is a perm
 fold_in(key, e), and augmentation at step s from fold_in(key, s). A state restored from a
 checkpoint therefore continues bit-for-bit.
 
-Replicas: a state and mask with a leading axis of size K train as one compiled program with
-`jax.vmap` (different seeds, masks or data orders per replica).
+Replicas: a state and mask with a leading axis of size K train together (different seeds, masks
+or data orders per replica), by `Trainer.replica_strategy`: 'vmap' (one compiled program over the
+batched replicas), 'map' (`lax.map`: one compiled program running the replicas one after the
+other), 'sequential' (the single-ticket compiled step or epoch called once per replica from
+Python) or 'auto' (`resolved_replica_strategy`). Every strategy gives every replica the data order
+and augmentation it would get alone; results agree up to floating-point rounding.
+
+Mixed precision: `Trainer.compute_dtype='bfloat16'` runs forward and backward pass (and
+evaluation) in bfloat16: params and inputs are cast inside the loss, so gradients arrive in float32
+and the state (params, optimizer state, batch-norm statistics) stays float32; the loss and BN
+statistics are computed in float32.
 
 Data parallelism: with `Trainer(mesh=lottery.distributed.data_mesh(...))` every batch is split
 over the mesh's 'batch' axis and state and mask are replicated; the step is the same jitted
@@ -101,6 +110,8 @@ class Trainer(NamedTuple):
     loop: str = "auto"  # 'scan' (whole epoch on device), 'steps' (one jitted step per iteration)
     mesh: Any = None  # jax.sharding.Mesh | None
     sampling: str = "epochs"  # 'epochs' (a permutation per epoch) | 'random' (independent)
+    compute_dtype: str = "float32"  # 'float32' | 'bfloat16' (float32 weights and optimizer)
+    replica_strategy: str = "auto"  # 'auto' | 'vmap' | 'map' | 'sequential' (replicas=True)
 
     def steps_per_epoch(self, n: int) -> int:
         if self.batch_size > n:
@@ -108,25 +119,62 @@ class Trainer(NamedTuple):
                              f"({n} examples)")
         return n // self.batch_size
 
-    def resolved_loop(self, params) -> str:
+    def resolved_loop(self, params, replicas: bool = False) -> str:
         """'auto' runs whole epochs on device, except for conv nets on CPU, where a convolution's
-        gradient inside an XLA loop body is many times slower (jax-ml/jax#12868)."""
+        gradient inside an XLA loop body is many times slower (jax-ml/jax#12868). `replicas`:
+        `params` carry a leading replica axis."""
         if self.loop != "auto":
             return self.loop
-        has_conv = any(np.ndim(p) >= 3 for p in jax.tree.leaves(params))
-        return "steps" if has_conv and jax.default_backend() == "cpu" else "scan"
+        return "steps" if _has_conv(params, replicas) and jax.default_backend() == "cpu" \
+            else "scan"
+
+    def resolved_replica_strategy(self, params, replicas: bool = True) -> str:
+        """'auto': 'vmap' for networks without conv kernels, one after the other for conv nets
+        ('sequential'). Vmapped convolutions become grouped convolutions, which are slower than
+        K separate ones: on an H200, 4 vmapped ResNet-20 replicas took 1.42x as long as 4
+        sequential runs; on CPU they are slower too (benchmarks/replicas.py). `replicas`:
+        `params` carry a leading replica axis."""
+        if self.replica_strategy != "auto":
+            return self.replica_strategy
+        return "sequential" if _has_conv(params, replicas) else "vmap"
 
 
 LOOPS = ("auto", "scan", "steps")
+REPLICA_STRATEGIES = ("auto", "vmap", "map", "sequential")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _has_conv(params, replicas: bool = False) -> bool:
+    """Whether `params` hold a conv kernel (a leaf of rank >= 3, not counting the replica axis)."""
+    return any(np.ndim(p) - int(replicas) >= 3 for p in jax.tree.leaves(params))
+
+
+def _cast(tree, dtype):
+    """The floating-point leaves of `tree` in `dtype` (others unchanged)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and
+                        a.dtype != dtype else a, tree)
+
+
+def _compute_dtype(name: str):
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={name!r}: expected one of {COMPUTE_DTYPES}")
+    return jnp.dtype(name)
 
 
 def _loss(trainer: Trainer, params, batch_stats, x, y):
+    """Training loss (float32) and new BN statistics. In bfloat16 compute, params and inputs are
+    cast here (so gradients with respect to the float32 params are float32); BN statistics stay
+    float32 (flax normalizes in float32 and returns the input's dtype)."""
+    dtype = _compute_dtype(trainer.compute_dtype)
+    params, x = _cast(params, dtype), _cast(x, dtype)
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
         logits, updates = trainer.model.apply(variables, x, train=True, mutable=["batch_stats"])
-        return cross_entropy(logits, y), updates["batch_stats"]
-    return cross_entropy(trainer.model.apply(variables, x, train=True), y), batch_stats
+        new = jax.tree.map(lambda a, b: a.astype(b.dtype), updates["batch_stats"], batch_stats)
+        return cross_entropy(logits.astype(jnp.float32), y), new
+    logits = trainer.model.apply(variables, x, train=True)
+    return cross_entropy(logits.astype(jnp.float32), y), batch_stats
 
 
 class MaskUpdate(NamedTuple):
@@ -197,9 +245,10 @@ def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, st
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(trainer: Trainer, replicas: bool, update_fn: Callable | None = None):
-    """Jitted step, epoch and eval for a trainer (and a `MaskUpdate.fn`); vmapped over a leading
-    replica axis if asked.
+def _compiled(trainer: Trainer, replicas: bool | str, update_fn: Callable | None = None):
+    """Jitted step, epoch and eval for a trainer (and a `MaskUpdate.fn`); over a leading replica
+    axis if asked: `replicas` True or 'vmap' (`jax.vmap`), 'map' (`jax.lax.map`), False (one
+    ticket; 'sequential' replicas call these from Python).
 
     step(state, mask, x, y) -> (state, loss); epoch(state, mask, x, y, start, stop) -> (state,
     mask, loss). With `update_fn` both take the update's args first and the step returns the
@@ -213,9 +262,14 @@ def _compiled(trainer: Trainer, replicas: bool, update_fn: Callable | None = Non
         epoch = lambda args, *a: run_epoch(  # noqa: E731
             trainer, *a, update=MaskUpdate(update_fn, args))
         pre = (None,)  # the update's args: shared by the replicas
-    if replicas:
+    if replicas is True or replicas == "vmap":
         step = jax.vmap(step, in_axes=(*pre, 0, 0, 0, 0))
         epoch = jax.vmap(epoch, in_axes=(*pre, 0, 0, None, None, None, None))
+    elif replicas == "map":
+        step = _mapped(step, len(pre), 4)
+        epoch = _mapped(epoch, len(pre), 2)
+    elif replicas:
+        raise ValueError(f"replicas={replicas!r}: expected a bool, 'vmap' or 'map'")
     if trainer.mesh is None:
         return jax.jit(step), jax.jit(epoch), _compiled_eval(trainer, replicas)
     out = distributed.replicated(trainer.mesh)  # every output whole on every device
@@ -223,20 +277,39 @@ def _compiled(trainer: Trainer, replicas: bool, update_fn: Callable | None = Non
             _compiled_eval(trainer, replicas))
 
 
+def _mapped(fn, shared: int, per_replica: int):
+    """`fn(*shared_args, *replica_args, *rest)` run over the leading replica axis of its
+    `per_replica` replica arguments with `jax.lax.map` (one replica after the other)."""
+
+    def run(*args):
+        head, reps, rest = args[:shared], args[shared:shared + per_replica], \
+            args[shared + per_replica:]
+        return jax.lax.map(lambda r: fn(*head, *r, *rest), tuple(reps))
+
+    return run
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_eval(trainer: Trainer, replicas: bool):
-    """The jitted evaluation (`_eval_sums`) for a trainer."""
-    ev = functools.partial(_eval_sums, trainer.model, mesh=trainer.mesh)
-    if replicas:
+def _compiled_eval(trainer: Trainer, replicas: bool | str):
+    """The jitted evaluation (`_eval_sums`) for a trainer (replicas as in `_compiled`)."""
+    ev = functools.partial(_eval_sums, trainer.model, mesh=trainer.mesh,
+                           dtype=_compute_dtype(trainer.compute_dtype))
+    if replicas is True or replicas == "vmap":
         ev = jax.vmap(ev, in_axes=(0, 0, 0, None, None, None))
+    elif replicas == "map":
+        ev = _mapped(ev, 0, 3)
+    elif replicas:
+        raise ValueError(f"replicas={replicas!r}: expected a bool, 'vmap' or 'map'")
     if trainer.mesh is None:
         return jax.jit(ev, static_argnums=5)
     return jax.jit(ev, static_argnums=5, out_shardings=distributed.replicated(trainer.mesh))
 
 
-def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None):
-    """Summed loss and number correct over (x, y), evaluated in chunks of batch_size (padded)."""
-    params = masks_lib.apply(params, mask)
+def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None,
+               dtype=jnp.float32):
+    """Summed loss and number correct over (x, y), evaluated in chunks of batch_size (padded),
+    with params and inputs in `dtype` (the loss in float32)."""
+    params = _cast(masks_lib.apply(params, mask), dtype)
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     n = x.shape[0]
     chunks = -(-n // batch_size)
@@ -250,7 +323,7 @@ def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None):
 
     def chunk(args):
         xb, yb, vb = args
-        logits = model.apply(variables, xb, train=False)
+        logits = model.apply(variables, _cast(xb, dtype), train=False).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
         correct = jnp.argmax(logits, -1) == yb
         return jnp.sum(losses * vb), jnp.sum(correct * vb)
@@ -261,8 +334,14 @@ def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None):
 
 def evaluate(trainer: Trainer, state: TrainState, mask: PyTree, x, y, *, batch_size: int = 1000,
              replicas: bool = False) -> dict:
-    """Test loss and top-1 accuracy of the masked network (arrays of shape (K,) for replicas)."""
-    ev = _compiled_eval(trainer, replicas)
+    """Test loss and top-1 accuracy of the masked network (arrays of shape (K,) for replicas, by
+    the trainer's replica strategy)."""
+    strategy = trainer.resolved_replica_strategy(state.params) if replicas else None
+    if strategy == "sequential":
+        out = [evaluate(trainer, s, m, x, y, batch_size=batch_size)
+               for s, m in zip(unstack(state), unstack(mask))]
+        return {k: np.stack([o[k] for o in out]) for k in out[0]}
+    ev = _compiled_eval(trainer, strategy or False)
     bs = min(batch_size, x.shape[0])
     if trainer.mesh is None:
         x, y = jnp.asarray(x), jnp.asarray(y)
@@ -333,7 +412,8 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     epoch ends, eval points and the steps in `stops` (e.g. a rewind iteration); at each pause
     `callback(state, record)` is called, record = {'step', 'train_loss', and at eval points
     'test_loss', 'test_accuracy'}. With `replicas=True`, state and mask carry a leading axis of
-    K replicas and the record's values are arrays of shape (K,).
+    K replicas and the record's values are arrays of shape (K,); they train by
+    `trainer.replica_strategy` (the callback always sees them stacked).
 
     With `trainer.mesh`, state and mask are replicated on its devices, every batch is split over
     them (each process transfers only its rows) and the returned state is replicated.
@@ -358,10 +438,17 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         state, mask, update = distributed.replicate((state, mask, update), mesh)
         rows = distributed.local_rows(mesh, trainer.batch_size)  # this process's share
     eval_every = spe if eval_every is None else int(eval_every)
-    step_fn, epoch_fn, _ = _compiled(trainer, replicas, mask_update and mask_update.fn)
+    _compute_dtype(trainer.compute_dtype)
+    strategy = trainer.resolved_replica_strategy(state.params) if replicas else None
+    if strategy not in (None, *REPLICA_STRATEGIES[1:]):
+        raise ValueError(f"replica_strategy={trainer.replica_strategy!r}: expected one of "
+                         f"{REPLICA_STRATEGIES}")
+    sequential = strategy == "sequential"
+    step_fn, epoch_fn, _ = _compiled(trainer, False if sequential else strategy or False,
+                                     mask_update and mask_update.fn)
     start = int(np.asarray(state.step).reshape(-1)[0])
     state = state.replace(params=masks_lib.apply(state.params, mask))  # identity when resuming
-    loop = trainer.resolved_loop(state.params)
+    loop = trainer.resolved_loop(state.params, replicas)
     if loop not in LOOPS[1:]:
         raise ValueError(f"loop={trainer.loop!r}: expected one of {LOOPS}")
     x_dev = y_dev = None
@@ -369,26 +456,44 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     elif loop == "scan":  # the whole split on every device; each step's batch is split in jit
         x_dev, y_dev = distributed.replicate((data.x_train, data.y_train), mesh)
+    # 'sequential': the replicas as lists of single-ticket states and masks, stacked at pauses
+    states, rmasks = (unstack(state), unstack(mask)) if sequential else ([state], [mask])
+
+    def segment(state, mask, a, b, order):
+        """Steps at positions a..b-1 of the current epoch; `order[i]` is step i's indices."""
+        if loop == "scan":
+            return epoch_fn(*update, state, mask, x_dev, y_dev, a, b)
+        total = 0.0
+        for i in range(a, b):
+            xb, yb = batches.host_batch(data, order[i], mesh, rows)
+            state, *new, loss = step_fn(*update, state, mask, xb, yb)
+            mask = new[0] if new else mask
+            total = total + loss
+        return state, mask, total
+
     history = []
     bar = tqdm(total=num_steps, initial=start, disable=not progress, leave=False, unit="it",
                desc=progress if isinstance(progress, str) else "train", dynamic_ncols=True)
     pos = start
     for stop in boundaries(start, num_steps, spe, eval_every, stops):
         a, b = pos % spe, (stop - 1) % spe + 1  # positions within the epoch of steps pos..stop-1
-        if loop == "scan":
-            state, mask, total = epoch_fn(*update, state, mask, x_dev, y_dev, a, b)
-        else:
-            total = 0.0
-            key = state.key
+        orders = [None] * len(states)  # per entry of `states`: step i's indices are order[i]
+        if loop == "steps":
             draw = functools.partial(batches.epoch_order, epoch=pos // spe, n=n,
                                      batch_size=trainer.batch_size, sampling=trainer.sampling)
-            order = np.asarray(jax.vmap(draw)(key) if replicas else draw(key))
-            for i in range(a, b):
-                idx = order[:, i] if replicas else order[i]
-                xb, yb = batches.host_batch(data, idx, mesh, rows)
-                state, *new, loss = step_fn(*update, state, mask, xb, yb)
-                mask = new[0] if new else mask
-                total = total + loss
+            if replicas:  # (K, spe, B): one replica's order each, or step i's (K, B) at once
+                order = np.asarray(jax.vmap(draw)(state.key))
+                orders = list(order) if sequential else [order.swapaxes(0, 1)]
+            else:
+                orders = [np.asarray(draw(state.key))]
+        totals = []
+        for r, (st, m, order) in enumerate(zip(states, rmasks, orders)):
+            states[r], rmasks[r], t = segment(st, m, a, b, order)
+            totals.append(t)
+        if sequential:
+            state, mask, total = stack(states), stack(rmasks), jnp.stack(totals)
+        else:
+            state, mask, total = states[0], rmasks[0], totals[0]
         record = {"step": stop, "train_loss": np.asarray(total) / (stop - pos)}
         is_eval = stop % eval_every == 0 or stop == num_steps
         if check_finite:

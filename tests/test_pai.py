@@ -83,7 +83,8 @@ def ablated(run, tiny_config, tmp_path_factory):
     _, ref_dir = run
     work = tmp_path_factory.mktemp("ablated")
     shutil.copytree(ref_dir, work / os.path.basename(ref_dir))
-    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*")
+              if p.is_file() and p.name != rundir.LOCK}  # the run lock: rewritten by each run
     cfg = config.load(tiny_config, ["ablations=invert, shuffle,reinit", "compressions=10"])
     starts = []
     with _recording_starts(starts):

@@ -239,11 +239,18 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     s = Setup(cfg)
     prune_batches(cfg, s.data, cfg.seed)  # prune_examples must fit the training split
     points = spec.parse_points(cfg.compressions, cfg.densities)
-    rundir.create(run_dir, cfg)
+    with rundir.writing(run_dir, cfg):  # one process at a time; nothing written before it
+        _run_cells(run_dir, s, points)
+    return run_dir
+
+
+def _run_cells(run_dir: str, s: Setup, points) -> None:
+    """sweep's work, under the run lock: every cell not done yet."""
+    cfg = s.cfg
     todo = [(sc, ab, p) for p in points for sc, ab in spec.cells(cfg)
             if not rundir.is_done(cell_dir(run_dir, sc, p, ab))]
     if not todo:
-        return run_dir
+        return
     sw = _prepare(s)
     bar = tqdm(todo, desc="cells", unit="cell", disable=not cfg.progress)
     for scorer, ablation, point in bar:
@@ -255,4 +262,3 @@ def sweep(cfg: ml_collections.ConfigDict, workdir: str) -> str:
             tqdm.write(f"layer collapse: {name} at compression {spec.fmt(point.compression)}: "
                        + "; ".join(f"seed {sd}: {', '.join(v)}" for sd, v in dead.items()))
     bar.close()
-    return run_dir
