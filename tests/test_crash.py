@@ -27,7 +27,6 @@ import re
 import shutil
 import sys
 
-import numpy as np
 import pytest
 from _tiny_run import write_config
 
