@@ -13,37 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottery import groups as groups_lib, models
-from lottery.compact.units import BN_EPSILON, BN_MOMENTUM, Compacted
+from lottery.models import lth
+from lottery.compact.units import Compacted
 
 PyTree = Any
-
-
-class _SlimBlock(nn.Module):
-    """lottery.models.ResBlock with its own inner width (conv1/bn1) and output width."""
-
-    inner: int
-    features: int
-    stride: int = 1
-    projection: bool = False
-    bn_init: str = "uniform"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        def conv(n, name, stride=1, size=3):
-            pad = ((1, 1), (1, 1)) if size == 3 else "VALID"
-            return nn.Conv(n, (size, size), strides=(stride, stride), padding=pad, use_bias=False,
-                           kernel_init=models.kaiming_normal, name=name)
-
-        def bn(name):
-            return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                epsilon=BN_EPSILON, scale_init=models.BN_SCALE_INITS[self.bn_init],
-                                name=name)
-
-        y = nn.relu(bn("bn1")(conv(self.inner, "conv1", self.stride)(x)))
-        y = bn("bn2")(conv(self.features, "conv2")(y))
-        if self.projection:
-            x = bn("shortcut_bn")(conv(self.features, "shortcut_conv", self.stride, 1)(x))
-        return nn.relu(y + x)
 
 
 class SlimResNet(nn.Module):
@@ -62,28 +35,13 @@ class SlimResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(f"depth={self.depth}: must be 6n + 2 with n >= 1 (20, 32, 56, ...)")
-        n = (self.depth - 2) // 6
+        n = lth.resnet_blocks(self.depth)
         inner = tuple(self.inner) or tuple(w for w in self.widths for _ in range(n))
         if len(self.widths) != 3 or len(inner) != 3 * n:
             raise ValueError(f"SlimResNet(depth={self.depth}) needs 3 stage widths and {3 * n} "
                              f"inner widths, got {tuple(self.widths)} and {inner}")
-        x = nn.Conv(self.widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=models.kaiming_normal, name="conv")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                 epsilon=BN_EPSILON, scale_init=models.BN_SCALE_INITS[self.bn_init],
-                                 name="bn")(x))
-        for s in range(3):
-            for b in range(n):
-                x = _SlimBlock(inner[s * n + b], self.widths[s], 2 if s > 0 and b == 0 else 1,
-                               s > 0 and b == 0, self.bn_init, name=f"stage{s + 1}_block{b}")(
-                    x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        bias = (models.torch_default_bias(x.shape[-1]) if self.bias_init == "torch"
-                else models.zeros)
-        return nn.Dense(self.num_classes, kernel_init=models.kaiming_normal, bias_init=bias,
-                        name="out")(x)
+        return lth.resnet_layers(x, train, tuple(self.widths), inner, self.num_classes,
+                                 self.bn_init, self.bias_init)
 
 
 MODULES = (SlimResNet,)  # module classes compaction builds, besides lottery.models' own
@@ -91,11 +49,9 @@ MODULES = (SlimResNet,)  # module classes compaction builds, besides lottery.mod
 
 def _resnet_fields(model: nn.Module) -> tuple[dict, int]:
     """SlimResNet fields of a ResNet or SlimResNet (before compaction) and its blocks per stage."""
-    n = (model.depth - 2) // 6
+    n = lth.resnet_blocks(model.depth)
     if isinstance(model, SlimResNet):
         return {"widths": tuple(model.widths), "inner": tuple(model.inner)}, n
-    if model.depth < 8 or (model.depth - 2) % 6:
-        raise ValueError(f"depth={model.depth}: must be 6n + 2 with n >= 1 (20, 32, 56, ...)")
     widths = tuple(model.width * 2**s for s in range(3))
     return {"widths": widths, "inner": tuple(w for w in widths for _ in range(n))}, n
 

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lottery import models
+from lottery.models.layers import BN_EPSILON, BN_MOMENTUM  # noqa: F401 - re-exported by compact
 
 PyTree = Any
 SUPPORTED = ("LeNet300100", "ConvNet", "VGG", "MLP1D", "CNN1D", "ResNet")
-BN_EPSILON = 1e-5  # lottery.models.layers.batch_norm
-BN_MOMENTUM = 0.9
 
 
 class Compacted(NamedTuple):

@@ -56,10 +56,14 @@ BN_SCALE_INITS = {
 }
 
 
+BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1
+BN_EPSILON = 1e-5
+
+
 def batch_norm(train: bool, bn_init: str, name: str) -> nn.BatchNorm:
     if bn_init not in BN_SCALE_INITS:
         raise ValueError(f"bn_init={bn_init!r}: must be one of {sorted(BN_SCALE_INITS)}")
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                         scale_init=BN_SCALE_INITS[bn_init], name=name)
 
 

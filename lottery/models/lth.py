@@ -118,16 +118,17 @@ class ResBlock(nn.Module):
     """OpenLTH's CIFAR ResNet block: conv-BN-ReLU-conv-BN + shortcut, then ReLU.
 
     The shortcut is a 1x1 stride-`stride` conv + BN when the shape changes, else the identity.
-    Convs have no bias.
+    Convs have no bias. `inner` (0: `features`) is conv1/bn1's width, which compaction changes.
     """
 
     features: int
     stride: int = 1
     bn_init: str = "uniform"
+    inner: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        y = conv3x3(self.features, "conv1", stride=self.stride, use_bias=False)(x)
+        y = conv3x3(self.inner or self.features, "conv1", stride=self.stride, use_bias=False)(x)
         y = nn.relu(batch_norm(train, self.bn_init, "bn1")(y))
         y = conv3x3(self.features, "conv2", use_bias=False)(y)
         y = batch_norm(train, self.bn_init, "bn2")(y)
@@ -156,15 +157,32 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.depth < 8 or (self.depth - 2) % 6:
-            raise ValueError(f"depth={self.depth}: must be 6n + 2 with n >= 1 (20, 32, 56, ...)")
-        n = (self.depth - 2) // 6
-        x = conv3x3(self.width, "conv", use_bias=False)(x)
-        x = nn.relu(batch_norm(train, self.bn_init, "bn")(x))
-        for s in range(3):
-            for b in range(n):
-                stride = 2 if s > 0 and b == 0 else 1
-                x = ResBlock(self.width * 2**s, stride, self.bn_init,
-                             name=f"stage{s + 1}_block{b}")(x, train)
-        x = jnp.mean(x, axis=(1, 2))
-        return dense(self.num_classes, x, "out", self.bias_init)
+        n = resnet_blocks(self.depth)
+        widths = tuple(self.width * 2**s for s in range(3))
+        return resnet_layers(x, train, widths, tuple(w for w in widths for _ in range(n)),
+                             self.num_classes, self.bn_init, self.bias_init)
+
+
+def resnet_blocks(depth: int) -> int:
+    """Blocks per stage of ResNet-`depth` (depth = 6n + 2)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth={depth}: must be 6n + 2 with n >= 1 (20, 32, 56, ...)")
+    return (depth - 2) // 6
+
+
+def resnet_layers(x: jax.Array, train: bool, widths: Sequence[int], inner: Sequence[int],
+                  num_classes: int, bn_init: str, bias_init: str) -> jax.Array:
+    """The CIFAR ResNet inside an `nn.compact` method: stem of `widths[0]`, three stages of
+    len(inner) // 3 blocks (stage s outputs `widths[s]`, block i's conv1 `inner[i]`, stride 2 and
+    a projection shortcut at the start of stages 2 and 3), global average pool, Dense `out`.
+    `ResNet` and the compacted `lottery.compact.SlimResNet` are this with their widths."""
+    n = len(inner) // 3
+    x = conv3x3(widths[0], "conv", use_bias=False)(x)
+    x = nn.relu(batch_norm(train, bn_init, "bn")(x))
+    for s in range(3):
+        for b in range(n):
+            stride = 2 if s > 0 and b == 0 else 1
+            x = ResBlock(widths[s], stride, bn_init, inner[s * n + b],
+                         name=f"stage{s + 1}_block{b}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return dense(num_classes, x, "out", bias_init)
