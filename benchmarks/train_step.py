@@ -1,4 +1,5 @@
-"""Masked vs dense step, on-device epoch vs Python loop, vmapped replicas vs sequential runs.
+"""Masked vs dense step, `lottery` epoch vs a plain-JAX epoch, on-device epoch vs Python loop,
+vmapped replicas vs sequential runs.
 
 Prints ratios measured in one process (medians of interleaved repeats); run with
 `python benchmarks/train_step.py [--quick]`. Absolute times drift on shared machines: read ratios.
@@ -76,6 +77,69 @@ class _Data:
         self.x_test, self.y_test = self.x_train[:500], self.y_train[:500]
 
 
+def plain_jax_epochs(repeats, epochs=5):
+    """LeNet-300-100 on 4,000 examples, batch 128 (the README main job's shapes): a plain-JAX
+    dense epoch (flax apply, optax SGD, one `lax.scan` over a permutation; written here without
+    `lottery`) against `lottery`'s masked epoch (20% density), compiled epoch alone and as a
+    whole `train()` call of `epochs` epochs with an evaluation of 1,000 test examples after
+    each (the plain side evaluates the same way). Returns ms per epoch."""
+    n, batch, spe = 4000, 128, 4000 // 128
+    data = _Data(n, (28, 28, 1))
+    data.x_test, data.y_test = data.x_train[:1000], data.y_train[:1000]
+    model = models.create("lenet300_100")
+    variables = models.init(model, jax.random.key(0), (28, 28, 1))
+    tx = optax.sgd(0.1)
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    xt, yt = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+    @jax.jit
+    def plain_epoch(params, opt_state, key, epoch):
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)[:spe * batch]
+
+        def body(carry, idx):
+            p, o = carry
+            loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+                model.apply({"params": p}, x[idx]), y[idx]).mean()
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            u, o = tx.update(g, o, p)
+            return (optax.apply_updates(p, u), o), loss
+
+        (p, o), losses = jax.lax.scan(body, (params, opt_state), perm.reshape(spe, batch))
+        return p, o, losses.sum()
+
+    @jax.jit
+    def plain_eval(params):
+        logits = model.apply({"params": params}, xt)
+        return (optax.softmax_cross_entropy_with_integer_labels(logits, yt).sum(),
+                (logits.argmax(-1) == yt).sum())
+
+    def plain_run():
+        p, o = variables["params"], tx.init(variables["params"])
+        for e in range(epochs):
+            p, o, loss = plain_epoch(p, o, jax.random.key(5), e)
+            float(loss)
+            float(plain_eval(p)[1])
+        return p
+
+    mask = jax.tree.map(lambda p: jax.random.bernoulli(jax.random.key(1), 0.2, p.shape)
+                        if p.ndim >= 2 else jnp.ones(p.shape, bool), variables["params"])
+    trainer = T.Trainer(model, tx, batch, loop="scan")
+    state = T.init_state(variables, tx, jax.random.key(2), mask)
+    epoch = T._compiled(trainer, False)[1]
+    fns = {
+        "plain_epoch": lambda: plain_epoch(variables["params"], state.opt_state,
+                                           jax.random.key(5), 0)[2],
+        "lottery_epoch": lambda: epoch(state, mask, x, y, 0, spe)[2],
+        "plain_run": plain_run,
+        "lottery_run": lambda: T.train(trainer, state, mask, data, num_steps=epochs * spe,
+                                       progress=False)[0].params,
+    }
+    for f in fns.values():
+        jax.block_until_ready(f())
+    t = interleaved(fns, 1, max(repeats, 5) * 2)
+    return {k: v * 1e3 / (epochs if k.endswith("run") else 1) for k, v in t.items()}
+
+
 def loops_and_replicas(repeats, k=8):
     """LeNet-300-100 on 4,000 examples, batch 128: epoch as one scan vs one jitted step per
     Python iteration; K vmapped replicas vs K sequential runs (scan path)."""
@@ -127,6 +191,13 @@ def main():
     d, m = step_ratio("conv6", (32, 32, 3), 60, 10, repeats)
     print(f"| Conv-6 step, batch 60, 32x32x3: dense / masked | {d * 1e3:.1f} / {m * 1e3:.1f} ms "
           f"| masked/dense **{m / d:.3f}** |")
+    e = plain_jax_epochs(repeats)
+    print(f"| LeNet epoch, compiled: plain-JAX dense scan / `lottery` masked | "
+          f"{e['plain_epoch']:.1f} / {e['lottery_epoch']:.1f} ms | lottery/plain "
+          f"**{e['lottery_epoch'] / e['plain_epoch']:.3f}** |")
+    print(f"| LeNet, 5 epochs + eval of 1,000 after each, per epoch: plain JAX / `lottery` "
+          f"train() | {e['plain_run']:.1f} / {e['lottery_run']:.1f} ms | lottery/plain "
+          f"**{e['lottery_run'] / e['plain_run']:.3f}** |")
     r = loops_and_replicas(repeats)
     print(f"| LeNet epoch (31 steps of 128): scan / Python loop | {r['epoch_scan'] * 1e3:.1f} / "
           f"{r['epoch_steps'] * 1e3:.1f} ms | loop/scan **{r['epoch_steps'] / r['epoch_scan']:.2f}** |")

@@ -216,32 +216,27 @@ def update_step(trainer: Trainer, update: MaskUpdate | None, state: TrainState, 
 
 def run_epoch(trainer: Trainer, state: TrainState, mask: PyTree, x, y, start, stop,
               update: MaskUpdate | None = None):
-    """Steps `start` to `stop` (positions within the current epoch) as one compiled `lax.scan`.
+    """Steps `start` to `stop` (positions within the current epoch) as one compiled loop.
 
-    Positions outside [start, stop) are skipped with `lax.cond`, so one compiled program serves
-    every segment (resume mid-epoch, stop at a rewind iteration). The mask rides in the carry,
-    changed by `update` (a `MaskUpdate`) before every step. Returns (state, mask, summed loss).
+    `start` and `stop` are traced loop bounds (`lax.fori_loop`), so one compiled program serves
+    every segment (resume mid-epoch, stop at a rewind iteration) and runs no step outside it. The
+    mask rides in the carry, changed by `update` (a `MaskUpdate`) before every step. Returns
+    (state, mask, summed loss).
     """
     n = x.shape[0]
     spe = n // trainer.batch_size
     order = batches.epoch_order(state.key, state.step // spe, n, trainer.batch_size,
                                 trainer.sampling)
 
-    def body(carry, i):
+    def body(i, carry):
         state, mask, total = carry
+        idx = order[i]
+        state, mask, loss = update_step(trainer, update, state, mask,
+                                        batches.split(trainer.mesh, x[idx]),
+                                        batches.split(trainer.mesh, y[idx]))
+        return state, mask, total + loss
 
-        def do(carry):
-            idx = order[i]
-            return update_step(trainer, update, *carry, batches.split(trainer.mesh, x[idx]),
-                               batches.split(trainer.mesh, y[idx]))
-
-        state, mask, loss = jax.lax.cond((i >= start) & (i < stop), do,
-                                         lambda c: (*c, jnp.zeros((), jnp.float32)), (state, mask))
-        return (state, mask, total + loss), None
-
-    (state, mask, total), _ = jax.lax.scan(body, (state, mask, jnp.zeros((), jnp.float32)),
-                                           jnp.arange(spe))
-    return state, mask, total
+    return jax.lax.fori_loop(start, stop, body, (state, mask, jnp.zeros((), jnp.float32)))
 
 
 @functools.lru_cache(maxsize=None)
