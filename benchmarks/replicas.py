@@ -89,6 +89,24 @@ def measure(case, ks, repeats, strategies, all_strategies):
     return rows
 
 
+def vmapped_conv_groups(k: int = 4) -> list[tuple[int, int]]:
+    """(feature_group_count, batch_group_count) of every convolution XLA is given for the
+    gradient of a conv layer's loss vmapped over K replicas' weights and inputs: the forward
+    conv and the weight gradient both become grouped convolutions (K groups)."""
+    import re  # noqa: PLC0415
+
+    def loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return (y ** 2).sum()
+
+    w, x = jax.numpy.ones((k, 3, 3, 16, 16)), jax.numpy.ones((k, 8, 32, 32, 16))
+    text = jax.jit(jax.vmap(jax.grad(loss))).lower(w, x).as_text()
+    return [(int(re.search(r"feature_group_count = (\d+)", line).group(1)),
+             int(re.search(r"batch_group_count = (\d+)", line).group(1)))
+            for line in text.splitlines() if "convolution(" in line]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +136,10 @@ def main():
         skip = cpu and key != "lenet" and not args.cpu_map
         measure(table[key], ks, args.repeats,
                 [s for s in strategies if not (skip and s == "map")], strategies)
+    groups = vmapped_conv_groups()
+    print(f"\nXLA input for the weight gradient of one conv layer vmapped over 4 replicas: "
+          f"{len(groups)} convolutions, (feature_group_count, batch_group_count) = {groups} "
+          f"(the forward conv and the weight gradient are grouped convolutions)")
     if cpu and not args.cpu_map:
         print("\n–: 'map' not timed for conv nets on CPU (a conv in an XLA loop body, "
               "jax-ml/jax#12868; --cpu-map times it)")

@@ -1,10 +1,11 @@
 """Which examples each training step sees, and how they are augmented, all from the state's key.
 
 The data order of epoch e is drawn from fold_in(key, e) (`epoch_order`: a permutation per epoch,
-or independent draws), CIFAR augmentation at step s from fold_in(key, s): a state restored from a
-checkpoint continues with exactly the batches it would have seen. With a device mesh, every
-batch is split over its 'batch' axis: on host (`host_batch`, each process its own rows) or inside
-jit (`split`).
+or independent draws), augmentation on device at step s from fold_in(key, s) ('cifar': padded
+crop + flip; 'imagenet': `data.transforms.random_resized_crop_flip` of the fixed-size arrays): a
+state restored from a checkpoint continues with exactly the batches it would have seen. With a
+device mesh, every batch is split over its 'batch' axis: on host (`host_batch`, each process its
+own rows; `place` for rows read elsewhere, e.g. streamed) or inside jit (`split`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lottery import distributed
+from lottery.data import transforms
 
 SAMPLINGS = ("epochs", "random")
 
@@ -49,7 +52,8 @@ def augment_cifar(key, x):
     return jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
 
 
-AUGMENTATIONS: dict[str, Callable | None] = {"none": None, "cifar": augment_cifar}
+AUGMENTATIONS: dict[str, Callable | None] = {
+    "none": None, "cifar": augment_cifar, "imagenet": transforms.random_resized_crop_flip}
 
 
 def split(mesh, x):
@@ -65,6 +69,14 @@ def host_batch(data, idx, mesh, rows):
     if mesh is None:
         return data.x_train[idx], data.y_train[idx]
     local = idx[..., rows]
-    axis = idx.ndim - 1
-    return tuple(distributed.batch_from_local(a[local], mesh, idx.shape[-1], axis)
-                 for a in (data.x_train, data.y_train))
+    return place(data.x_train[local], data.y_train[local], mesh, idx.shape[-1])
+
+
+def place(x, y, mesh, size: int):
+    """This process's rows of a batch of `size` (x (..., rows, ...), y (..., rows), the rows
+    `distributed.local_rows(mesh, size)` of it) as the global batch split over `mesh`; the host
+    arrays as they are without a mesh."""
+    if mesh is None:
+        return x, y
+    axis = np.ndim(y) - 1
+    return tuple(distributed.batch_from_local(a, mesh, size, axis) for a in (x, y))

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from lottery import checkpoints, distributed, experiments, export, plots, report, sensitivity
+from lottery import checkpoints, distributed, experiments, export, imp, plots, report, sensitivity
 from lottery.data import cli as data_cli
 
 # Every subcommand, in `lottery --help` order: the experiment kinds, the commands that read their
@@ -77,6 +77,10 @@ def run_experiment(exp: experiments.Experiment, args: argparse.Namespace,
     cfg = experiments.load_config(exp, args.config, overrides, args)
     kwargs = {"discard": args.discard_level} if exp.discard else {}
     run_dir = exp.run(cfg, args.workdir, **kwargs)
+    if not isinstance(run_dir, str):  # `seeds`: one run directory per seed, one table over them
+        print("\nrun directories:\n" + "\n".join(f"  {d}" for d in run_dir))
+        print(imp.format_seeds_summary(imp.seeds_summary(run_dir)))
+        return 0
     rows = exp.summary(run_dir)
     png = None
     if exp.figure is not None:

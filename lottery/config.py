@@ -27,11 +27,15 @@ from lottery import steps as steps_lib
 REWINDS = ("init", "iteration", "lr", "finetune")
 SCOPES = ("global", "layerwise", "uniform", "erk")  # prune.SCOPES
 CONTROLS = ("reinit", "random_prune")
+# The `structure` values each experiment kind prunes by (the kinds not listed: weights only).
+STRUCTURES = {"find-ticket": ("weights", "groups"), "oneshot": ("weights", "units", "groups"),
+              "agp": ("weights", "groups")}
 # Left out of the run hash: they do not change results, or they only extend a run (more levels,
 # more controls, more scorers, compression points or ablations of a prune-at-init sweep).
 UNHASHED = ("levels", "data_dir", "loop", "progress", "controls", "control_seeds",
             "control_levels", "checkpoint_seconds", "eval_batch_size",
-            "scorers", "compressions", "densities", "ablations", "devices", "replica_strategy")
+            "scorers", "compressions", "densities", "ablations", "devices", "replica_strategy",
+            "tensorboard")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -42,10 +46,15 @@ def base() -> ml_collections.ConfigDict:
     c.dataset = "mnist5k"
     c.data_dir = ""  # '' = $LOTTERY_DATA_DIR or TFDS's default
     c.image_size = 0  # TFDS datasets of varying image size: resize + center crop to this (0: 224)
+    # auto (stream above data.STREAM_ABOVE bytes) | memory | stream (read by grain while training)
+    c.input = "auto"
     c.model = "lenet300_100"
     c.bias_init = "torch"  # torch (PyTorch's default U(+-1/sqrt(fan_in)), OpenLTH) | zeros
     c.bn_init = "uniform"  # BN scales: uniform (U[0, 1), OpenLTH) | ones (PyTorch, flax default)
     c.seed = 0  # model init and data order
+    # replicate seeds: K > 0 runs seeds seed..seed+K-1 together, one run directory each (the one
+    # `seed` alone would make); 0 = seed only. prune-at-init sets its own count (3)
+    c.seeds = 0
     # training (OpenLTH mnist_lenet_300_100: SGD lr 0.1, batch 128, 40 epochs, no momentum)
     c.batch_size = 128
     c.training_steps = "40ep"
@@ -58,7 +67,7 @@ def base() -> ml_collections.ConfigDict:
     c.milestones = ""  # comma-separated step strings for lr_schedule='step', e.g. '80ep,120ep'
     c.gamma = 0.1
     c.warmup_steps = "0it"
-    c.augment = "none"  # none | cifar
+    c.augment = "none"  # none | cifar | imagenet (streamed: on host, of the stored images)
     c.sampling = "epochs"  # epochs (a permutation per epoch) | random (independent batches)
     c.eval_every = "1ep"
     c.eval_batch_size = 1000
@@ -75,7 +84,14 @@ def base() -> ml_collections.ConfigDict:
     c.scorer = "magnitude"
     c.count_rule = "exact"  # exact | synflow | openlth: whose counting and tie rule (prune.py)
     c.exclude = "out"  # comma-separated patterns never pruned ('' = prune every kernel)
+    # comma-separated patterns pruned instead of the default, the kernels (leaves named 'kernel'
+    # with ndim >= 2; masks.default_prunable), e.g. '(.*/)?kernel,embed/embedding'
+    c.include = ""
     c.rates = ""  # per-layer rate multipliers, e.g. 'out=0.5,conv1=0.8'
+    # what a pruning step removes: weights | groups (whole coupled channel groups, counted in
+    # channels: lottery.groups) | units (oneshot only: each layer's output units, uncoupled)
+    c.structure = "weights"
+    c.group_scorer = "l1"  # structure='groups': l1 | l2 | l1_all | l2_all | bn_scale | taylor
     # rewinding
     c.rewind = "init"  # init | iteration | lr | finetune
     c.rewind_step = "0it"  # for 'iteration' and 'lr'
@@ -89,6 +105,9 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint_seconds = 30.0  # in-level checkpoints at eval points, at most this often
     c.devices = "all"  # data-parallel devices: 'all' or a count ('4'); batch_size a multiple
     c.progress = True
+    # also write each metrics.jsonl's records as TensorBoard event files beside it (needs
+    # tensorboardX: pip install 'lottery[tensorboard]'); metrics.jsonl stays the record
+    c.tensorboard = False
     return c
 
 
@@ -96,7 +115,11 @@ def base() -> ml_collections.ConfigDict:
 # A saved config without them means that value, and at that value they are left out of the hash,
 # so the directories of older runs keep their names.
 LEGACY = {"bias_init": "zeros", "bn_init": "uniform", "sampling": "epochs", "count_rule": "exact",
-          "image_size": 0, "compute_dtype": "float32"}
+          "image_size": 0, "compute_dtype": "float32", "seeds": 0, "structure": "weights",
+          "group_scorer": "l1", "input": "auto", "include": ""}
+# LEGACY fields that some experiment kinds had, and hashed at every value, before `base()` did:
+# for those kinds the field stays in the hash.
+HASHED_BEFORE = {"structure": ("oneshot", "agp")}
 # Config fields that are model options, passed to the models that have them (`model`).
 MODEL_OPTIONS = ("bias_init", "bn_init")
 
@@ -215,22 +238,25 @@ def parse_rates(value: str) -> dict[str, float]:
 
 
 def prunable(cfg: ml_collections.ConfigDict, params) -> Any:
-    """The per-leaf pruning rates a config asks for (`exclude` and `rates`) over `params`."""
+    """The per-leaf pruning rates a config asks for (`include`, `exclude`, `rates`) over
+    `params`."""
     from lottery import masks  # noqa: PLC0415 - keep this module free of jax at import
 
-    return masks.prunable(params, exclude=split(cfg.exclude) or None,
+    return masks.prunable(params, include=split(cfg.get("include", "")) or None,
+                          exclude=split(cfg.exclude) or None,
                           rates=parse_rates(cfg.rates) or None)
 
 
 def count_basis(cfg: ml_collections.ConfigDict, params) -> Any:
     """For count_rule='openlth': the leaves OpenLTH counts remaining weights over, i.e. every leaf
-    the default rule would prune, also those `exclude` keeps (its `pruning_layers_to_ignore`);
+    the default rule (or `include`) would prune, also those `exclude` keeps (its
+    `pruning_layers_to_ignore`);
     None for the other rules."""
     if cfg.get("count_rule", "exact") != "openlth":
         return None
     from lottery import masks  # noqa: PLC0415 - keep this module free of jax at import
 
-    return masks.prunable(params)
+    return masks.prunable(params, include=split(cfg.get("include", "")) or None)
 
 
 def _choice(cfg, field, allowed):
@@ -254,6 +280,7 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     _choice(cfg, "optimizer", train.OPTIMIZERS)
     _choice(cfg, "lr_schedule", train.LR_SCHEDULES)
     _choice(cfg, "augment", tuple(train.AUGMENTATIONS))
+    _choice(cfg, "input", data.INPUTS)
     _choice(cfg, "loop", train.LOOPS)
     _choice(cfg, "compute_dtype", train.COMPUTE_DTYPES)
     _choice(cfg, "replica_strategy", train.REPLICA_STRATEGIES)
@@ -262,6 +289,8 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     _choice(cfg, "rewind", REWINDS)
     _choice(cfg, "scorer", tuple(scorers.SCORERS))
     _choice(cfg, "count_rule", prune.COUNT_RULES)
+    if cfg.get("structure", "weights") != "weights":
+        _choice(cfg, "structure", STRUCTURES.get(cfg.experiment, ("weights",)))
     for c in split(cfg.controls):
         if c not in CONTROLS:
             raise ValueError(f"controls={cfg.controls!r}: unknown control {c!r}; "
@@ -284,6 +313,12 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
     d = str(cfg.devices).strip().lower()
     if d != "all" and not (d.isdigit() and int(d) >= 1):
         raise ValueError(f"devices={cfg.devices!r}: expected 'all' or a positive number of devices")
+    if cfg.get("seeds", 0) < 0:
+        raise ValueError(f"seeds={cfg.seeds}: must be >= 0 (K > 0 runs seeds seed..seed+K-1, "
+                         f"0 = seed only)")
+    if cfg.get("tensorboard", False) and importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError("tensorboard=True: the tensorboardX package is not installed; pip install "
+                         "'lottery[tensorboard]' (or pip install tensorboardX)")
     if cfg.control_seeds < 1:
         raise ValueError(f"control_seeds={cfg.control_seeds}: must be >= 1")
     parse_rates(cfg.rates)
@@ -305,12 +340,48 @@ def validate(cfg: ml_collections.ConfigDict, steps_per_epoch: int | None = None)
                          f"{total} iterations)")
     if cfg.finetune_steps:
         steps_lib.parse(cfg.finetune_steps, spe, name="finetune_steps")
+    if cfg.get("structure") == "groups":
+        _check_groups(cfg, data_dir)
+
+
+def _check_groups(cfg: ml_collections.ConfigDict, data_dir: str | None) -> None:
+    """structure='groups': the fields it works with, and the model's channel groups derived
+    (abstractly, `lottery.groups.resolve`), so a model they cannot be derived for stops here."""
+    import jax  # noqa: PLC0415 - keep this module free of jax at import
+
+    from lottery import data, groups, models  # noqa: PLC0415 - as above
+
+    _choice(cfg, "group_scorer", tuple(groups.SCORERS))
+    why = "structure='groups' prunes whole channels"
+    if cfg.scope not in groups.GROUP_SCOPES:
+        raise ValueError(f"scope={cfg.scope!r}: {why}, ranked over all groups or per group; "
+                         f"expected one of {', '.join(groups.GROUP_SCOPES)}")
+    if cfg.scorer != "magnitude":
+        raise ValueError(f"scorer={cfg.scorer!r}: {why}, ranked by group_scorer; expected "
+                         f"'magnitude' (the default)")
+    if cfg.count_rule != "exact":
+        raise ValueError(f"count_rule={cfg.count_rule!r}: {why}, counted as lottery counts; "
+                         f"expected 'exact'")
+    if cfg.rates:
+        raise ValueError(f"rates={cfg.rates!r}: {why}; name the layers whose filters stay in "
+                         f"exclude; expected ''")
+    shape = data.input_shape(cfg.dataset, data_dir=data_dir, image_size=cfg.get("image_size")
+                             or None)
+    model_ = model(cfg, data.num_classes(cfg.dataset, data_dir=data_dir))
+    variables = jax.eval_shape(lambda: models.init(model_, jax.random.key(0), shape))
+    try:
+        groups.resolve(model_, variables, shape, scorer=cfg.group_scorer,
+                       rates=prunable(cfg, variables["params"]))
+    except ValueError as e:
+        raise ValueError(f"structure='groups' with model={cfg.model!r}, group_scorer="
+                         f"{cfg.group_scorer!r}: {e}") from None
 
 
 def hashed_fields(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """The fields that determine results, as plain JSON-able values."""
     return {k: v for k, v in sorted(cfg.to_dict().items())
-            if k not in UNHASHED and not (k in LEGACY and v == LEGACY[k])}
+            if k not in UNHASHED and not (k in LEGACY and v == LEGACY[k] and cfg.get(
+                "experiment") not in HASHED_BEFORE.get(k, ()))}
 
 
 def run_hash(cfg: ml_collections.ConfigDict) -> str:

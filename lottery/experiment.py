@@ -5,16 +5,26 @@ counts of a config (IMP, one-shot, AGP, the prune-at-init cells and instability 
 it). `start_state` is the state a level starts from by the config's rewind mode, and
 `train_level` trains one level of a run directory to completion: resuming from its in-level
 checkpoint, writing its metrics, marking it done (`lottery.rundir` holds the layout).
+
+Seeds as replicas: a config with `seeds` = K > 0 is K configs (`seed_configs`: seed, seed+1, ...,
+each with seeds = 0, so each names the run directory that seed alone would), one `Setup` each
+(`Setup.with_seed`: data, model, optimizer and trainer shared, so one compiled program serves
+them), and `train_levels` trains a level of all of them as replicas of one program.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
+import contextlib
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lottery import checkpoints, config as config_lib, data as data_lib, distributed, masks
 from lottery import models, optim, rundir, steps as steps_lib, train as train_lib
@@ -28,7 +38,8 @@ class Setup:
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
         self.data = data_lib.load(cfg.dataset, data_dir=cfg.data_dir or None,
-                                  image_size=cfg.get("image_size") or None)
+                                  image_size=cfg.get("image_size") or None,
+                                  input=cfg.get("input", "auto"))
         self.spe = train_lib.Trainer(None, None, cfg.batch_size).steps_per_epoch(
             self.data.x_train.shape[0])
         config_lib.validate(cfg, self.spe)
@@ -60,11 +71,41 @@ class Setup:
         self.variables = models.init(self.model, jax.random.fold_in(self.key, 0), self.input_shape)
         self.rates = config_lib.prunable(cfg, self.variables["params"])
 
+    def with_seed(self, seed: int) -> "Setup":
+        """This setup for `seed` (`seed_config`): its own key and initial variables; data, model,
+        optimizer and trainers are shared, so the seeds share compiled programs."""
+        s = copy.copy(self)
+        s.cfg = seed_config(self.cfg, seed)
+        s.key = jax.random.key(seed)
+        s.variables = models.init(s.model, jax.random.fold_in(s.key, 0), s.input_shape)
+        return s
+
     def fresh_state(self, variables, tx=None, mask=None):
         return train_lib.init_state(variables, tx or self.tx, jax.random.fold_in(self.key, 1), mask)
 
     def template(self, tx=None):
         return self.fresh_state(self.variables, tx)
+
+
+def seed_config(cfg: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The config of one seed of `cfg`: `seed` set, `seeds` 0, so its run directory (name, hash,
+    config.json) is the one `--config.seed=<seed>` alone makes."""
+    c = cfg.copy_and_resolve_references()
+    c.seed = seed
+    if "seeds" in c:
+        c.seeds = 0
+    return c
+
+
+def seed_configs(cfg: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """[cfg] without `seeds`; with `seeds` = K > 0 the configs of seeds seed, ..., seed+K-1."""
+    k = cfg.get("seeds", 0)
+    return [seed_config(cfg, cfg.seed + i) for i in range(k)] if k else [cfg]
+
+
+def seed_setups(first: Setup, cfgs: Sequence[ml_collections.ConfigDict]) -> list[Setup]:
+    """The setups of `seed_configs`, from the first one's (`Setup(cfgs[0])`): data loaded once."""
+    return [first, *(first.with_seed(c.seed) for c in cfgs[1:])]
 
 
 def progress(cfg: ml_collections.ConfigDict) -> bool:
@@ -120,60 +161,163 @@ def train_level(s: Setup, run_dir: str, level: int, mask, prev_final, desc: str,
     every pause, after this bookkeeping. A level whose final/ a kill left without its DONE is
     completed without training again (`_trained`).
     """
-    ldir = rundir.level_dir(run_dir, level)
-    os.makedirs(ldir, exist_ok=True)
-    metrics = os.path.join(ldir, rundir.METRICS)
-    state, trainer, total = start_state(s, run_dir, level, mask, prev_final)
-    written = ("final", "mask") if mask_update else ("final",)
-    trained = _trained(run_dir, level, written, total, state, mask)
-    if trained is not None:  # a kill came after final/ was written: only complete the level
-        state, mask = trained
-        if mask_update is not None and not os.path.exists(os.path.join(ldir, rundir.INFO)):
+    return train_levels([(s, run_dir, mask, prev_final)], level, desc, mask_update=mask_update,
+                        callback=callback)[0]
+
+
+def train_levels(runs: Sequence[tuple[Setup, str, PyTree, Any]], level: int, desc: str, *,
+                 mask_update: train_lib.MaskUpdate | None = None,
+                 callback: Callable[[train_lib.TrainState, PyTree, dict], None] | None = None
+                 ) -> list[train_lib.TrainState]:
+    """`train_level` of several runs, (setup, run_dir, mask, prev_final) each (the seeds of a
+    multi-seed run, `Setup.with_seed`), trained together as replicas of one program; returns
+    their final states. Every run directory gets exactly the writes it gets alone, each run's in
+    its own files (checkpoints at the same steps). Runs that resume from different steps (a kill
+    between two seeds' checkpoints) train in groups, one per step; one run trains alone, without
+    a replica axis. `callback` is called for every run with its own state, mask and record."""
+    finals = [None] * len(runs)
+    groups = collections.defaultdict(list)  # start step -> [(index, state, mask)]
+    for i, (s, run_dir, mask, prev_final) in enumerate(runs):
+        ldir = rundir.level_dir(run_dir, level)
+        os.makedirs(ldir, exist_ok=True)
+        state, trainer, total = start_state(s, run_dir, level, mask, prev_final)
+        trained = _trained(run_dir, level, _written(mask_update), total, state, mask)
+        if trained is not None:  # a kill came after final/ was written: only complete the level
+            _complete(s, ldir, *trained, mask_update, write=False)
+            finals[i] = trained[0]
+            continue
+        metrics = os.path.join(ldir, rundir.METRICS)
+        latest = rundir.latest_checkpoint(ldir)
+        if latest is None:
+            rundir.truncate_metrics(metrics, None)  # starting over: no record is kept
+        else:
+            like = {"state": state, "mask": mask} if mask_update else state
+            saved = checkpoints.restore(latest[1], like, hint=rundir.hint(run_dir, level))
+            state, mask = (saved["state"], saved["mask"]) if mask_update else (saved, mask)
+            rundir.truncate_metrics(metrics, latest[0])
+        groups[int(np.asarray(state.step))].append((i, state, mask))
+    for _, group in sorted(groups.items()):
+        members = [runs[i] for i, _, _ in group]
+        label = f", seeds {', '.join(str(m[0].cfg.seed) for m in members)}" if len(group) > 1 \
+            else ""
+        out = _train_level_group(members, [g[1] for g in group], [g[2] for g in group], trainer,
+                                 total, level, desc + label, mask_update, callback)
+        for (i, _, _), (st, m), (s, run_dir, *_) in zip(group, out, members):
+            _complete(s, rundir.level_dir(run_dir, level), st, m, mask_update, write=True)
+            finals[i] = st
+    return finals
+
+
+def _written(mask_update) -> tuple[str, ...]:
+    """The checkpoints a finished level writes: final/ (and mask/ for a changing mask)."""
+    return ("final", "mask") if mask_update else ("final",)
+
+
+def _complete(s: Setup, ldir: str, state, mask, mask_update, *, write: bool) -> None:
+    """Finish a trained level: (`write`) its final/ (and mask/ and info.json for a changing
+    mask), replacing what a kill left, else only the info.json a kill left missing; then delete
+    its in-level checkpoints and mark it done."""
+    if write:
+        for name in _written(mask_update):
+            rundir.rmtree(os.path.join(ldir, name))  # what a kill left (see `_trained`)
+        checkpoints.save(os.path.join(ldir, "final"), state)
+    if mask_update is not None:
+        if write:
+            checkpoints.save(os.path.join(ldir, "mask"), mask)
+        if write or not os.path.exists(os.path.join(ldir, rundir.INFO)):
             rundir.write_info(ldir, mask, s.rates)
-        rundir.rmtree(os.path.join(ldir, rundir.CHECKPOINT))
-        rundir.mark_done(ldir)
-        return state
-    latest = rundir.latest_checkpoint(ldir)
-    if latest is None:
-        rundir.truncate_metrics(metrics, None)  # starting over: no record is kept
-    else:
-        like = {"state": state, "mask": mask} if mask_update else state
-        saved = checkpoints.restore(latest[1], like, hint=rundir.hint(run_dir, level))
-        state, mask = (saved["state"], saved["mask"]) if mask_update else (saved, mask)
-        rundir.truncate_metrics(metrics, latest[0])
-    rewind_path = os.path.join(run_dir, "rewind")
-    need_rewind = level == 0 and s.rewind_step > 0 and not checkpoints.exists(rewind_path)
+    rundir.rmtree(os.path.join(ldir, rundir.CHECKPOINT))
+    rundir.mark_done(ldir)
+
+
+def _train_level_group(runs, states, level_masks, trainer, total, level, desc, mask_update,
+                       callback):
+    """Train one group of `train_levels` (runs resuming from the same step) from `states` under
+    `level_masks`; returns each run's final (state, mask). The bookkeeping of `train_level`, per
+    run: metrics, in-level checkpoints (all runs' at the same pauses), the rewind point."""
+    s = runs[0][0]
+    sizes = [0] * len(runs)
+    rewinds = [os.path.join(run_dir, "rewind") for _, run_dir, *_ in runs]
+    need_rewind = [level == 0 and s.rewind_step > 0 and not checkpoints.exists(p) for p in rewinds]
     last_save = [time.monotonic()]
 
     def pause(st, m, record):
         step = int(record["step"])
-        if need_rewind and step == s.rewind_step:
-            checkpoints.save(rewind_path, st)
-        if mask_update is not None:
-            record["density"] = masks.density(m, s.rates)
-        if "test_accuracy" in record:
-            rundir.append_metrics(metrics, record)
-            if step < total and time.monotonic() - last_save[0] >= s.cfg.checkpoint_seconds:
-                rundir.save_in_level(ldir, step, {"state": st, "mask": m} if mask_update else st)
-                last_save[0] = time.monotonic()
-        if callback is not None:
-            callback(st, m, record)
+        due = "test_accuracy" in record and step < total and \
+            time.monotonic() - last_save[0] >= s.cfg.checkpoint_seconds
+        for j, (sj, run_dir, *_) in enumerate(runs):
+            rec = take_record(record, sizes, j)
+            if need_rewind[j] and step == s.rewind_step:
+                checkpoints.save(rewinds[j], take(st, sizes, j))
+            if mask_update is not None:
+                rec["density"] = masks.density(take(m, sizes, j), sj.rates)
+            if "test_accuracy" in record:
+                rundir.append_metrics(os.path.join(rundir.level_dir(run_dir, level),
+                                                   rundir.METRICS), rec)
+            if due:
+                st_j = take(st, sizes, j)
+                rundir.save_in_level(rundir.level_dir(run_dir, level), step, {
+                    "state": st_j, "mask": take(m, sizes, j)} if mask_update else st_j)
+            if callback is not None:
+                callback(take(st, sizes, j), take(m, sizes, j), rec)
+        if due:
+            last_save[0] = time.monotonic()
 
-    out = train_lib.train(
-        trainer, state, mask, s.data, num_steps=total, eval_every=s.eval_every,
-        stops=(s.rewind_step,) if need_rewind else (), mask_update=mask_update,
-        callback=pause if mask_update else lambda st, record: pause(st, mask, record),
-        progress=desc if progress(s.cfg) else False)
-    state = out[0]
-    for name in written:
-        rundir.rmtree(os.path.join(ldir, name))  # what a kill left (see `_trained`)
-    checkpoints.save(os.path.join(ldir, "final"), state)
-    if mask_update is not None:
-        checkpoints.save(os.path.join(ldir, "mask"), out[1])
-        rundir.write_info(ldir, out[1], s.rates)
-    rundir.rmtree(os.path.join(ldir, rundir.CHECKPOINT))
-    rundir.mark_done(ldir)
-    return state
+    mask = join(level_masks, sizes)
+    with name_replicas([f"seed {r[0].cfg.seed}" for r in runs], sizes):
+        out = train_lib.train(
+            trainer, join(states, sizes), mask, s.data, num_steps=total,
+            eval_every=s.eval_every, stops=(s.rewind_step,) if any(need_rewind) else (),
+            mask_update=mask_update, replicas=sizes != [0],
+            callback=pause if mask_update else lambda st, record: pause(st, mask, record),
+            progress=desc if progress(s.cfg) else False)
+    state, mask = (out[0], out[1]) if mask_update else (out[0], mask)
+    return [(take(state, sizes, j), take(mask, sizes, j)) for j in range(len(runs))]
+
+
+# ---- parts of one replica program: `sizes[i]` 0 is one network, C is C stacked networks ----
+
+def join(trees: Sequence[PyTree], sizes: Sequence[int]) -> PyTree:
+    """The parts `trees` as one replica-stacked pytree (a lone part as it is)."""
+    if len(trees) == 1:
+        return trees[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate([x if n else x[None] for x, n in
+                                                     zip(xs, sizes)]), *trees)
+
+
+def _span(sizes: Sequence[int], i: int) -> tuple[int, int]:
+    start = sum(max(n, 1) for n in sizes[:i])
+    return start, start + max(sizes[i], 1)
+
+
+def take(tree: PyTree, sizes: Sequence[int], i: int) -> PyTree:
+    """Part `i` of a pytree `join`ed from parts of `sizes`."""
+    if len(sizes) == 1:
+        return tree
+    a, b = _span(sizes, i)
+    return jax.tree.map(lambda x: x[a] if sizes[i] == 0 else x[a:b], tree)
+
+
+def take_record(record: dict, sizes: Sequence[int], i: int) -> dict:
+    """Part `i` of a training record of a `join`ed program (its values per replica)."""
+    if len(sizes) == 1:
+        return record
+    a, b = _span(sizes, i)
+    return {k: (v[a] if sizes[i] == 0 else v[a:b]) if np.ndim(v) else v
+            for k, v in record.items()}
+
+
+@contextlib.contextmanager
+def name_replicas(names: Sequence[str], sizes: Sequence[int]):
+    """Re-raise a DivergenceError of a `join`ed program with the name of the part its replica
+    belongs to in front (e.g. 'seed 2: ...'); a lone part's error as it is."""
+    try:
+        yield
+    except train_lib.DivergenceError as e:
+        if len(sizes) == 1 or e.replica is None:
+            raise
+        part = next(i for i in range(len(sizes)) if e.replica < _span(sizes, i)[1])
+        raise train_lib.DivergenceError(f"{names[part]}: {e}", e.step, e.replica) from None
 
 
 def _trained(run_dir: str, level: int, written: tuple[str, ...], total: int, like_state,

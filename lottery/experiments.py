@@ -28,7 +28,8 @@ class Experiment(NamedTuple):
     description: str  # a paragraph, for `lottery <name> --help`
     base_config: Callable[[], ml_collections.ConfigDict]  # where its config files start
     validate: Callable[[ml_collections.ConfigDict], Any]  # ValueError naming a bad field; no data
-    run: Callable[..., str]  # run(cfg, workdir[, discard=level]): create or resume, -> run dir
+    # run(cfg, workdir[, discard=level]): create or resume -> run dir (a list with cfg.seeds > 0)
+    run: Callable[..., str | list[str]]
     summary: Callable[[str], list[dict]]  # the rows of a run directory
     format_summary: Callable[[Sequence[dict]], str]  # the table the command prints
     describe: Callable[[ml_collections.ConfigDict], str]  # one line: what a run of cfg does
@@ -62,7 +63,7 @@ EXPERIMENTS = (
                apply_arguments=pai.apply_arguments, discard=False),
     Experiment("oneshot", "train, prune once to a target density, fine-tune",
                "Train the dense network, prune it to final_density in one step (any scorer, "
-               "global or layerwise, weights or whole units) and fine-tune it.",
+               "global or layerwise, weights, whole units or channel groups) and fine-tune it.",
                functools.partial(gradual.base_config, "oneshot"), gradual.validate,
                gradual.run_oneshot, imp.summary, imp.format_summary, gradual.describe),
     Experiment("agp", "automated gradual pruning (Zhu & Gupta 2017) during training",

@@ -16,10 +16,15 @@ Run directory (`lottery.rundir`; a level is complete once its DONE file exists):
   level_<L>/controls/<control>_s<seed>/{mask/, metrics.jsonl}, level_<L>/controls/DONE
   (and level_<L>/controls/checkpoint/<step>/ while the controls train)
 `summary` reads it back as one row per level (also for oneshot and agp runs).
+
+Seeds (`seeds` = K > 0): the K seeds' run directories, each exactly as its seed alone writes it;
+every level, and every level's controls, of all seeds trains as one replica program
+(`experiment.train_levels`, `_run_controls`); `seeds_summary` is the table over them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import time
@@ -32,9 +37,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lottery import checkpoints, config as config_lib, distributed, masks, models, prune
-from lottery import rundir, scorers, train as train_lib
+from lottery import experiment, groups, rundir, scorers, train as train_lib
 from lottery.experiment import Setup, init_variables, level_final, level_mask, progress
-from lottery.experiment import start_state, train_level
+from lottery.experiment import start_state, train_levels
 
 PyTree = Any
 
@@ -62,12 +67,33 @@ def _prune_mask(s: Setup, run_dir: str, level: int, prev_final: train_lib.TrainS
     if s.mesh is not None:  # scorer gradients over the batch split across devices
         inputs = distributed.shard_inputs(inputs, s.mesh)
         params, mask = distributed.replicate((params, mask), s.mesh)
+    if s.cfg.structure == "groups":  # whole channel groups: lottery.groups.remove_fraction
+        g, skip = _groups(s)
+        out, _ = groups.remove_fraction(g, s.cfg.group_scorer, params, mask, s.cfg.fraction,
+                                        inputs=inputs, scope=s.cfg.scope, exclude=skip)
+        return jax.tree.map(np.asarray, out) if s.mesh is not None else out
     scores = scorer(params, mask, inputs)
     if s.mesh is not None:
         scores = jax.tree.map(np.asarray, scores)  # prune on host, as with one device
     return prune.remove_fraction(scores, prev_mask, s.cfg.fraction, scope=s.cfg.scope,
                                  rates=s.rates, count_rule=s.cfg.count_rule,
                                  count_basis=config_lib.count_basis(s.cfg, s.variables["params"]))
+
+
+def _groups(s: Setup):
+    """(channel groups, excluded group indices) of a structure='groups' run's model."""
+    return groups.resolve(s.model, s.variables, s.input_shape, scorer=s.cfg.group_scorer,
+                          rates=s.rates)
+
+
+def _random_mask(s: Setup, mask: PyTree, key: jax.Array) -> PyTree:
+    """The random-pruning control's mask: the ticket's weight count in every layer, drawn at
+    random; for structure='groups', random whole channels, as many per group as the ticket keeps
+    (so every layer keeps the ticket's input and output channel counts)."""
+    if s.cfg.structure == "groups":
+        g, skip = _groups(s)
+        return groups.random_like(g, mask, key, exclude=skip)
+    return masks.random_like(mask, key, s.rates)
 
 
 def control_source(s: Setup, run_dir: str, level: int, start: train_lib.TrainState):
@@ -92,7 +118,8 @@ def control_starts(s: Setup, run_dir: str, level: int, mask, prev_final):
 
       reinit_s<k>        the ticket's mask; weights of a fresh initialization (its own key per
                          level and seed); step, optimizer state and batch statistics of the start
-      random_prune_s<k>  a random mask with the ticket's per-layer counts; every kept weight starts
+      random_prune_s<k>  a random mask with the ticket's per-layer counts (`_random_mask`: whole
+                         channels per group for structure='groups'); every kept weight starts
                          at its value at the rewind point (`control_source`), not at the ticket's
                          masked value (which is 0.0 outside the ticket's mask)
     """
@@ -109,7 +136,7 @@ def control_starts(s: Setup, run_dir: str, level: int, mask, prev_final):
             else:
                 if source is None:
                     source = control_source(s, run_dir, level, start)
-                m = masks.random_like(mask, jax.random.fold_in(key, 1), s.rates)
+                m = _random_mask(s, mask, jax.random.fold_in(key, 1))
                 st = start.replace(params=masks.apply(source[0], m), batch_stats=source[1])
             names.append(f"{kind}_s{seed}")
             states.append(st)
@@ -117,24 +144,30 @@ def control_starts(s: Setup, run_dir: str, level: int, mask, prev_final):
     return names, states, cmasks, trainer, total
 
 
-def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
-    """Train the level's controls (`control_starts`) together as vmapped replicas.
+def _run_controls(runs: Sequence[tuple[Setup, str, PyTree, Any]], level: int) -> None:
+    """Train the level's controls (`control_starts`) of every run, (setup, run_dir, mask,
+    prev_final) each (one, or the seeds of a multi-seed run), together as replicas.
 
     Like a level: every evaluation appends one line to each control's metrics.jsonl and, at most
-    every `checkpoint_seconds`, the stacked replica state is saved in
+    every `checkpoint_seconds`, each run's stacked controls are saved in its
     `controls/checkpoint/<step>/`; a rerun resumes from the latest one (dropping the lines written
-    after it). Once every control's metrics reach the last step, each control's mask/ (fixed
-    before training) and then the controls' DONE are written; a rerun after a kill there only
-    writes what is missing.
+    after it), runs resuming from different steps in groups, one per step. Once every control's
+    metrics reach the last step, each control's mask/ (fixed before training) and then the
+    controls' DONE are written, run by run; a rerun after a kill there only writes what is
+    missing.
     """
-    cdir = os.path.join(rundir.level_dir(run_dir, level), "controls")
-    if rundir.is_done(cdir):
-        return
-    names, states, cmasks, trainer, total = control_starts(s, run_dir, level, mask, prev_final)
-    if not names:
-        return
-    paths = [os.path.join(cdir, name, rundir.METRICS) for name in names]
-    if not all(rundir.ends_at(p, total) for p in paths):
+    todo, groups = [], collections.defaultdict(list)  # start step -> [todo index]
+    for s, run_dir, mask, prev_final in runs:
+        cdir = os.path.join(rundir.level_dir(run_dir, level), "controls")
+        if rundir.is_done(cdir):
+            continue
+        names, states, cmasks, trainer, total = control_starts(s, run_dir, level, mask, prev_final)
+        if not names:
+            continue
+        paths = [os.path.join(cdir, name, rundir.METRICS) for name in names]
+        todo.append((s, run_dir, cdir, names, cmasks, paths))
+        if all(rundir.ends_at(p, total) for p in paths):
+            continue
         for name in names:
             os.makedirs(os.path.join(cdir, name), exist_ok=True)
         state = train_lib.stack(states)
@@ -143,75 +176,110 @@ def _run_controls(s: Setup, run_dir: str, level: int, mask, prev_final) -> None:
             state = checkpoints.restore(latest[1], state, hint=rundir.hint(run_dir, level))
         for p in paths:
             rundir.truncate_metrics(p, None if latest is None else latest[0])
-        last_save = [time.monotonic()]
+        groups[int(np.asarray(state.step).reshape(-1)[0])].append((len(todo) - 1, state))
+    for _, group in sorted(groups.items()):
+        _train_controls([todo[i] for i, _ in group], [st for _, st in group], trainer, total,
+                        level)
+    for s, run_dir, cdir, names, cmasks, _ in todo:
+        for name, m in zip(names, cmasks):
+            path = os.path.join(cdir, name, "mask")
+            if not checkpoints.exists(path):
+                rundir.rmtree(path)
+                checkpoints.save(path, m)
+        rundir.rmtree(os.path.join(cdir, rundir.CHECKPOINT))
+        rundir.mark_done(cdir)
 
-        def pause(st, record):
-            if "test_accuracy" not in record:
-                return
+
+def _train_controls(runs, states, trainer, total: int, level: int) -> None:
+    """Train one group of `_run_controls` (runs resuming from the same step): each run's stacked
+    controls `states`, all runs' joined into one replica program."""
+    s = runs[0][0]
+    sizes = [len(r[3]) for r in runs]
+    last_save = [time.monotonic()]
+
+    def pause(st, record):
+        if "test_accuracy" not in record:
+            return
+        step = int(record["step"])
+        due = step < total and time.monotonic() - last_save[0] >= s.cfg.checkpoint_seconds
+        for j, (_, _, cdir, _, _, paths) in enumerate(runs):
+            rec = experiment.take_record(record, sizes, j)
             for i, p in enumerate(paths):
-                rundir.append_metrics(p, {k: (v[i] if np.ndim(v) else v)
-                                          for k, v in record.items()})
-            step = int(record["step"])
-            if step < total and time.monotonic() - last_save[0] >= s.cfg.checkpoint_seconds:
-                rundir.save_in_level(cdir, step, st)
-                last_save[0] = time.monotonic()
+                rundir.append_metrics(p, {k: (v[i] if np.ndim(v) else v) for k, v in rec.items()})
+            if due:
+                rundir.save_in_level(cdir, step, experiment.take(st, sizes, j))
+        if due:
+            last_save[0] = time.monotonic()
 
-        train_lib.train(trainer, state, train_lib.stack(cmasks), s.data, num_steps=total,
-                        eval_every=s.eval_every, replicas=True, callback=pause,
-                        progress=f"level {level} controls" if progress(s.cfg) else False)
-    for name, m in zip(names, cmasks):
-        path = os.path.join(cdir, name, "mask")
-        if not checkpoints.exists(path):
-            rundir.rmtree(path)
-            checkpoints.save(path, m)
-    rundir.rmtree(os.path.join(cdir, rundir.CHECKPOINT))
-    rundir.mark_done(cdir)
+    seeds = f", seeds {', '.join(str(r[0].cfg.seed) for r in runs)}" if len(runs) > 1 else ""
+    with experiment.name_replicas([f"seed {r[0].cfg.seed}" for r in runs], sizes):
+        train_lib.train(trainer, experiment.join(states, sizes),
+                        experiment.join([train_lib.stack(r[4]) for r in runs], sizes), s.data,
+                        num_steps=total, eval_every=s.eval_every, replicas=True, callback=pause,
+                        progress=f"level {level} controls{seeds}" if progress(s.cfg) else False)
 
 
 def find_ticket(cfg: ml_collections.ConfigDict, workdir: str, *,
-                discard: int | None = None) -> str:
-    """Run (or resume, or extend) an IMP experiment; returns its run directory."""
+                discard: int | None = None) -> str | list[str]:
+    """Run (or resume, or extend) an IMP experiment; returns its run directory. With `seeds`
+    = K > 0: the K seeds' run directories (each the one its seed alone makes), trained together
+    level by level (`experiment.train_levels`), their controls too."""
     if cfg.experiment != "find-ticket":
         raise ValueError(f"experiment={cfg.experiment!r}: this config is for `lottery "
                          f"{cfg.experiment}`, not `lottery find-ticket`")
     config_lib.validate(cfg)
-    run_dir = rundir.prepare(cfg, workdir)
+    cfgs = experiment.seed_configs(cfg)
+    run_dirs = [rundir.prepare(c, workdir) for c in cfgs]
     if discard is not None:
-        rundir.check_discard(run_dir, discard)
-    s = Setup(cfg)  # loads data and validates everything that needs its size, before writing
-    with rundir.writing(run_dir, cfg):  # one process at a time; nothing written before it
-        _run_levels(s, run_dir, discard)
-    return run_dir
+        for run_dir in run_dirs:
+            rundir.check_discard(run_dir, discard)
+    # loads data and validates everything that needs its size, before writing
+    setups = experiment.seed_setups(Setup(cfgs[0]), cfgs)
+    with rundir.writing_all(run_dirs, cfgs):  # one process at a time; nothing written before it
+        _run_levels(setups, run_dirs, discard)
+    return run_dirs if cfg.get("seeds", 0) else run_dirs[0]
 
 
-def _run_levels(s: Setup, run_dir: str, discard: int | None) -> None:
-    """find_ticket's work, under the run lock: discard, init, rewind, then level by level."""
-    cfg = s.cfg
-    if discard is not None:
-        rundir.discard_level(run_dir, discard)
-    init_vars = init_variables(s, run_dir)
-    rewind_path = os.path.join(run_dir, "rewind")
-    if s.rewind_step == 0 and not checkpoints.exists(rewind_path):
-        checkpoints.save(rewind_path, s.fresh_state(init_vars))
+def _run_levels(setups: Sequence[Setup], run_dirs: Sequence[str], discard: int | None) -> None:
+    """find_ticket's work, under the run locks: discard, init, rewind, then level by level, each
+    level of all seeds together (masks first, then training, then controls)."""
+    cfg = setups[0].cfg
+    runs = list(zip(setups, run_dirs))
+    level_masks = []
+    for s, run_dir in runs:
+        if discard is not None:
+            rundir.discard_level(run_dir, discard)
+        init_vars = init_variables(s, run_dir)
+        rewind_path = os.path.join(run_dir, "rewind")
+        if s.rewind_step == 0 and not checkpoints.exists(rewind_path):
+            checkpoints.save(rewind_path, s.fresh_state(init_vars))
+        level_masks.append(masks.init(init_vars["params"]))
     control_levels = {int(v) for v in config_lib.split(cfg.control_levels)}
-    mask, prev_final = masks.init(init_vars["params"]), None
+    prev_finals = [None] * len(runs)
     levels = tqdm(range(cfg.levels + 1), desc="levels", disable=not progress(cfg), unit="level")
     for level in levels:
-        mask = level_mask(s, run_dir, level, mask, lambda: mask if level == 0 else
-                          _prune_mask(s, run_dir, level, prev_final, mask))
-        density = masks.density(mask, s.rates)
+        level_masks = [level_mask(s, run_dir, level, mask, lambda: mask if level == 0 else
+                                  _prune_mask(s, run_dir, level, prev_final, mask))
+                       for (s, run_dir), mask, prev_final in zip(runs, level_masks, prev_finals)]
+        density = masks.density(level_masks[0], setups[0].rates)
         levels.set_postfix(density=f"{density:.4f}", refresh=False)
-        if rundir.is_done(rundir.level_dir(run_dir, level)):
-            final = level_final(s, run_dir, level)
-        else:
+        here = [(s, run_dir, mask, prev_final) for (s, run_dir), mask, prev_final in
+                zip(runs, level_masks, prev_finals)]
+        done = [rundir.is_done(rundir.level_dir(run_dir, level)) for run_dir in run_dirs]
+        finals = [level_final(s, run_dir, level) if d else None
+                  for (s, run_dir), d in zip(runs, done)]
+        todo = [i for i, d in enumerate(done) if not d]
+        if todo:
             with _name_level(f"level {level}"):
-                final = train_level(s, run_dir, level, mask, prev_final,
-                                    f"level {level} (density {density:.3f})")
+                trained = train_levels([here[i] for i in todo], level,
+                                       f"level {level} (density {density:.3f})")
+            for i, final in zip(todo, trained):
+                finals[i] = final
         if level > 0 and config_lib.split(cfg.controls) and (
                 not control_levels or level in control_levels):
             with _name_level(f"level {level} controls"):
-                _run_controls(s, run_dir, level, mask, prev_final)
-        prev_final = final
+                _run_controls(here, level)
+        prev_finals = finals
     levels.close()
 
 
@@ -282,9 +350,46 @@ def format_summary(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def seeds_summary(run_dirs: Sequence[str]) -> list[dict]:
+    """Per level finished in every one of `run_dirs` (the seeds of a multi-seed run): its level,
+    density, number of runs, and (mean, std) over the runs of the final and best test accuracy,
+    and of each control kind's final accuracy over runs x control seeds (population std)."""
+    per_run = [summary(d) for d in run_dirs]
+    rows = []
+    for level in range(min(len(r) for r in per_run)):
+        here = [r[level] for r in per_run]
+        row = {"level": level, "density": here[0]["density"], "runs": len(here)}
+        for key in sorted({k for r in here for k in r if k.endswith("_accuracy")}):
+            values = [v for r in here for v in np.atleast_1d(r.get(key, []))]
+            row[key] = (float(np.mean(values)), float(np.std(values)))
+        rows.append(row)
+    return rows
+
+
+def format_seeds_summary(rows: Sequence[dict]) -> str:
+    """`seeds_summary` rows as a table: test accuracies in %, mean +- std over the runs."""
+    if not rows:
+        return "no level is finished in every run yet"
+    keys = ["final_accuracy", "best_accuracy"] + sorted(
+        {k for r in rows for k in r if k.endswith("_accuracy")} - {"final_accuracy",
+                                                                 "best_accuracy"})
+    names = [{"final_accuracy": "ticket", "best_accuracy": "ticket best"}.get(k, k[:-9])
+             for k in keys]
+    lines = [f"test accuracy (%), mean +- std over {rows[0]['runs']} runs (controls: over runs "
+             f"x control seeds)",
+             f"{'level':>5}  {'density':>8}" + "".join(f"  {n:>15}" for n in names)]
+    for r in rows:
+        cells = [f"{100 * r[k][0]:6.2f} +- {100 * r[k][1]:5.2f}" if k in r else "" for k in keys]
+        lines.append((f"{r['level']:>5}  {r['density']:>8.4f}" +
+                      "".join(f"  {c:>15}" for c in cells)).rstrip())
+    return "\n".join(lines)
+
+
 def describe(cfg: ml_collections.ConfigDict) -> str:
     """One line on what an IMP run does, e.g. for `lottery inspect`'s header."""
+    what = f"{cfg.group_scorer} channel-group" if cfg.get("structure") == "groups" \
+        else cfg.scorer
     return (f"{cfg.model} on {cfg.dataset}, seed {cfg.seed}, rewind {cfg.rewind}"
             f"{' at ' + str(cfg.rewind_step) if cfg.rewind in ('iteration', 'lr') else ''}, "
-            f"{cfg.scope} {cfg.scorer} pruning of fraction {cfg.fraction} per level")
+            f"{cfg.scope} {what} pruning of fraction {cfg.fraction} per level")
 

@@ -58,9 +58,10 @@ def _as_list(patterns) -> list:
 
 
 def default_prunable(path: str, leaf) -> bool:
-    """Dense and conv kernels (ndim >= 2) are prunable; biases and norm scales are not."""
-    del path
-    return np.ndim(leaf) >= 2
+    """Kernels are prunable: leaves named 'kernel' with ndim >= 2 (flax's Dense, Conv,
+    DenseGeneral, Einsum and attention weights). Biases, norm scales, embeddings (`nn.Embed`'s
+    'embedding'), class tokens and position embeddings are not, whatever their ndim."""
+    return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
 
 
 def prunable(params: PyTree, include: Pattern | Sequence[Pattern] | None = None,
@@ -68,7 +69,8 @@ def prunable(params: PyTree, include: Pattern | Sequence[Pattern] | None = None,
              rates: Mapping[str, float] | None = None) -> PyTree:
     """Per-leaf pruning rates: a pytree of Python floats with the structure of `params`.
 
-    A leaf is prunable if it matches `include` (default: ndim >= 2) and no `exclude` pattern.
+    A leaf is prunable if it matches `include` (default: `default_prunable`, the kernels) and no
+    `exclude` pattern.
     A pattern is a path ('Dense_2/kernel'), a module prefix ('Dense_2'), a regex matched against
     the whole path ('Conv_.*/kernel'), or a predicate `f(path, leaf) -> bool`.
     `rates` maps patterns to multipliers of the pruning rate (first match wins); 0.0 excludes.
@@ -109,7 +111,8 @@ def prunable(params: PyTree, include: Pattern | Sequence[Pattern] | None = None,
         raise ValueError(f"rates pattern(s) {unused} match no prunable leaf; "
                          f"prunable leaves: {prunable_paths(out)}")
     if not any(r > 0 for r in jax.tree.leaves(out)):
-        raise ValueError(f"no prunable leaf left (include={include!r}, exclude={exclude!r}); "
+        raise ValueError(f"no prunable leaf left (include={include!r}, exclude={exclude!r}; "
+                         f"by default only leaves named 'kernel' with ndim >= 2 are pruned); "
                          f"leaves: {paths(params)}")
     return out
 

@@ -10,6 +10,8 @@ it through them. A run directory is `<workdir>/<experiment>_<model>_<dataset>_<h
     mask/, final/          orbax: its mask and its trained state
     checkpoint/<step>/     while training: the latest in-level checkpoint (`save_in_level`)
     metrics.jsonl          one JSON line per evaluation (`append_metrics`)
+    events.out.tfevents.*  with the config's `tensorboard` on: the same records as TensorBoard
+                           scalars (`EVENTS`; a metrics file's directory is a TensorBoard run)
     info.json              density, kept, total and per-layer counts of the mask (`write_info`)
     DONE                   written last: the level is complete (`mark_done`)
     controls/              imp's controls of the level: checkpoint/<step>/ (the stacked
@@ -25,8 +27,9 @@ never interrupted: checkpoints are written whole or not at all (`checkpoints.sav
 are deleted by first renaming them out of the way (`rmtree`: a half-deleted checkpoint or level
 is never read), a level whose final/ is written but not yet marked DONE is completed without
 retraining (`experiment.train_level`). One process writes a run directory at a time: every
-experiment kind runs inside `writing`, which holds an exclusive lock on `<run_dir>/.lock`
-(released by the OS when the holder dies, so a killed run never blocks its restart).
+experiment kind runs inside `writing` (`writing_all`: every seed's of a multi-seed run), which
+holds an exclusive lock on `<run_dir>/.lock` (released by the OS when the holder dies, so a
+killed run never blocks its restart).
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ import json
 import os
 import shutil
 import socket
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from lottery import checkpoints, config as config_lib, distributed, masks
+from lottery import checkpoints, config as config_lib, data, distributed, masks, models
 
 PyTree = Any
 
@@ -75,11 +79,35 @@ def prepare(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     run_dir = os.path.join(workdir, config_lib.run_name(cfg))
     path = os.path.join(run_dir, CONFIG)
     if os.path.exists(path):
-        saved = config_lib.from_saved(read_json(path))
+        raw = read_json(path)
+        saved = config_lib.from_saved(raw)
         if config_lib.hashed_fields(saved) != config_lib.hashed_fields(cfg):
             raise ValueError(f"{run_dir} holds a run with a different config; refusing to write "
                              f"into it (compare {path})")
+        if "include" not in raw:
+            _check_older_rule(run_dir, cfg)
     return run_dir
+
+
+def _check_older_rule(run_dir: str, cfg: ml_collections.ConfigDict) -> None:
+    """ValueError if the run in `run_dir`, made before the config field `include` existed, was
+    pruned by the older default rule (every leaf with ndim >= 2) where the rule of today (the
+    kernels, `masks.default_prunable`) prunes fewer leaves of its model: continuing it would mix
+    the two. The rules agree on every built-in model but the ViTs."""
+    data_dir = cfg.get("data_dir") or None
+    shape = data.input_shape(cfg.dataset, data_dir=data_dir,
+                             image_size=cfg.get("image_size") or None)
+    model = config_lib.model(cfg, data.num_classes(cfg.dataset, data_dir=data_dir))
+    params = jax.eval_shape(lambda: models.init(model, jax.random.key(0), shape))["params"]
+    older = [p for p, leaf in zip(masks.paths(params), jax.tree.leaves(params))
+             if len(leaf.shape) >= 2 and not masks.default_prunable(p, leaf)]
+    if older:
+        raise ValueError(f"{run_dir} was pruned by lottery's older default rule (every leaf with "
+                         f"ndim >= 2), which also pruned {len(older)} leaves of {cfg.model} that "
+                         f"the default (the kernels) does not ({', '.join(older[:3])}, ...): "
+                         f"finish it with that version, or move it away and run again (to prune "
+                         f"them too, in a new run directory: --config.include='(.*/)?kernel,"
+                         f"<patterns of those leaves>')")
 
 
 def create(run_dir: str, cfg: ml_collections.ConfigDict) -> None:
@@ -93,8 +121,31 @@ def create(run_dir: str, cfg: ml_collections.ConfigDict) -> None:
 def writing(run_dir: str, cfg: ml_collections.ConfigDict):
     """Hold the run directory's lock (`lock`) and create it (`create`): every experiment kind
     writes its run directory only inside this, so nothing is written before the lock is held."""
-    with lock(run_dir):
-        create(run_dir, cfg)
+    with writing_all([run_dir], [cfg]):
+        yield
+
+
+@contextlib.contextmanager
+def writing_all(run_dirs, cfgs):
+    """`writing` for several run directories (the seeds of a multi-seed run): every lock is held
+    before any directory is created. When a lock is refused, the ValueError propagates and the
+    directories this call made for its lock files are removed again: nothing is written."""
+    with contextlib.ExitStack() as stack:
+        made = []
+        try:
+            for run_dir in run_dirs:
+                new = not os.path.exists(run_dir)
+                stack.enter_context(lock(run_dir))
+                made += [run_dir] if new else []
+        except ValueError:
+            for run_dir in made:  # still locked by this process: nobody else is in them
+                os.remove(os.path.join(run_dir, LOCK))
+                os.rmdir(run_dir)
+            raise
+        for run_dir, cfg in zip(run_dirs, cfgs):
+            create(run_dir, cfg)
+        stack.enter_context(_tensorboard([d for d, c in zip(run_dirs, cfgs)
+                                          if c.get("tensorboard", False)]))
         yield
 
 
@@ -154,6 +205,7 @@ def rmtree(path: str) -> None:
     is deleted too. Process 0 only: the others share its filesystem."""
     if not distributed.is_main_process():
         return
+    _close_events(path, below=True)
     trash = path + _TRASH
     if os.path.lexists(path):
         shutil.rmtree(trash, ignore_errors=True)
@@ -226,11 +278,15 @@ def _to_py(v):
 
 
 def append_metrics(path: str, record: dict) -> None:
-    """Append `record` (numbers or arrays) as one JSON line, flushed to disk (process 0 only)."""
+    """Append `record` (numbers or arrays) as one JSON line, flushed to disk (process 0 only),
+    and, with tensorboard on, as scalars to the event file beside it (first: a kill between the
+    two leaves metrics.jsonl short, and resuming truncates both to the checkpoint)."""
     if not distributed.is_main_process():
         return
+    record = {k: _to_py(v) for k, v in record.items()}
+    _write_events(path, [record])
     with open(path, "a") as f:
-        f.write(json.dumps({k: _to_py(v) for k, v in record.items()}) + "\n")
+        f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -238,17 +294,96 @@ def append_metrics(path: str, record: dict) -> None:
 def truncate_metrics(path: str, last_step: int | None) -> None:
     """Drop the lines written after the checkpoint at `last_step` that training resumes from
     (they will be written again; a cut last line goes too), or, for None (training starts over),
-    the whole file. Process 0 only."""
+    the whole file. The event files beside it are deleted and, with tensorboard on, written
+    again with the records kept: each step once, as in metrics.jsonl. Process 0 only."""
     if not distributed.is_main_process():
         return
     if last_step is None:
         if os.path.exists(path):
             os.remove(path)
+        _restart_events(path, [])
         return
     kept = [r for r in read_metrics(path, partial_last=True) if r["step"] <= last_step]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(path + ".tmp", path)
+    _restart_events(path, kept)
+
+
+# ---- TensorBoard event files: the metrics files' records, for watching a run live ----
+#
+# Written with tensorboardX's synchronous `EventsWriter`, each record flushed and fsynced as
+# metrics.jsonl is. (Its `SummaryWriter` hands events to a thread that writes them every
+# `flush_secs`, and names its file by the second: two opened in one second overwrite each other.)
+# A directory's event file is only ever started where its older ones were deleted (a metrics file
+# truncated, a directory deleted), and starts with a SessionLog START at step 0: a TensorBoard
+# that had read the older ones drops what it holds of them (its purge of orphaned data) instead of
+# showing both.
+
+EVENTS = "events.out.tfevents"  # the name every event file starts with
+_BOARDS: dict[str, dict[str, Any]] = {}  # run dir written with tensorboard on: {dir: writer}
+
+
+@contextlib.contextmanager
+def _tensorboard(run_dirs: list[str]):
+    """Event files for the records appended under `run_dirs` until the block ends, when the
+    writers are closed (process 0 only)."""
+    roots = [os.path.abspath(d) for d in run_dirs] if distributed.is_main_process() else []
+    _BOARDS.update({r: {} for r in roots})
+    try:
+        yield
+    finally:
+        for r in roots:
+            for writer in _BOARDS.pop(r).values():
+                writer.close()
+
+
+def _board(path: str) -> dict[str, Any] | None:
+    """The writers of the run directory holding `path`, if it is written with tensorboard on."""
+    path = os.path.abspath(path)
+    return next((b for r, b in _BOARDS.items() if path.startswith(r + os.sep)), None)
+
+
+def _write_events(path: str, records: list[dict]) -> None:
+    """The numbers of `records` (JSON values, as in the metrics file `path`) as scalars at their
+    step, one event per record, in an event file beside `path`; nothing if tensorboard is off."""
+    board, where = _board(path), os.path.dirname(os.path.abspath(path))
+    if board is None or not records:
+        return
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    if where not in board:
+        board[where] = EventsWriter(os.path.join(where, "events"), f".{os.getpid()}")
+        board[where].write_event(Event(wall_time=time.time(), step=0,
+                                       session_log=SessionLog(status=SessionLog.START)))
+    for r in records:
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in r.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        board[where].write_event(Event(wall_time=time.time(), step=int(r["step"]),
+                                       summary=Summary(value=values)))
+    board[where].flush()
+
+
+def _restart_events(path: str, records: list[dict]) -> None:
+    """Delete the event files beside the metrics file `path` and, with tensorboard on, write
+    `records` to a new one."""
+    where = os.path.dirname(os.path.abspath(path))
+    _close_events(where, below=False)
+    for name in os.listdir(where) if os.path.isdir(where) else []:
+        if name.startswith(EVENTS):
+            os.remove(os.path.join(where, name))
+    _write_events(path, records)
+
+
+def _close_events(path: str, *, below: bool) -> None:
+    """Close the event writer open in directory `path` (and, `below`, those in directories
+    under it)."""
+    path = os.path.abspath(path)
+    for board in _BOARDS.values():
+        for where in [w for w in board if w == path or below and w.startswith(path + os.sep)]:
+            board.pop(where).close()
 
 
 def write_info(path: str, mask: PyTree, rates: PyTree) -> None:

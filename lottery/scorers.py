@@ -61,7 +61,8 @@ class Inputs:
       input_shape: the model input shape with a batch axis, e.g. (1, 28, 28, 1) (static).
       key: a PRNG key, for `random`.
       rates: per-leaf pruning rates as a tuple of floats in leaf order (static, hashable), or None
-        for the default ndim >= 2 rule. Build with `Inputs.create(rates=<rates pytree>)`.
+        for the default rule (`masks.default_prunable`: kernels). Build with
+        `Inputs.create(rates=<rates pytree>)`.
 
     A static field is part of the jit cache key: build `Inputs` once and reuse it, so that a
     fresh lambda for `apply_fn` does not cause a recompilation per call.
@@ -123,7 +124,8 @@ def _as_rate_tuple(rates) -> tuple[float, ...] | None:
 
 
 def leaf_rates(params: PyTree, inputs: Inputs | None) -> PyTree:
-    """The rates pytree for `params`: `inputs.rates` unflattened, or the default ndim >= 2 rule."""
+    """The rates pytree for `params`: `inputs.rates` unflattened, or the default rule
+    (`masks.default_prunable`)."""
     if inputs is None or inputs.rates is None:
         return masks.prunable(params)
     leaves, treedef = jax.tree.flatten(params)

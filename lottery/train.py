@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from lottery import batches, distributed
 from lottery import masks as masks_lib
+from lottery.data import stream
 # Re-exported: the choices a Trainer is built from (lottery.optim and lottery.batches hold them).
 from lottery.batches import AUGMENTATIONS, SAMPLINGS  # noqa: F401
 from lottery.optim import LR_SCHEDULES, OPTIMIZERS, learning_rate, optimizer  # noqa: F401
@@ -303,15 +304,16 @@ def _compiled_eval(trainer: Trainer, replicas: bool | str):
 def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None,
                dtype=jnp.float32):
     """Summed loss and number correct over (x, y), evaluated in chunks of batch_size (padded),
-    with params and inputs in `dtype` (the loss in float32)."""
+    with params and inputs in `dtype` (the loss in float32). Rows labelled -1 are padding (a
+    streamed split's last chunk comes padded so), left out of both sums."""
     params = _cast(masks_lib.apply(params, mask), dtype)
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     n = x.shape[0]
     chunks = -(-n // batch_size)
     pad = chunks * batch_size - n
     xs = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(chunks, batch_size, *x.shape[1:])
-    ys = jnp.pad(y, (0, pad)).reshape(chunks, batch_size)
-    valid = (jnp.arange(chunks * batch_size) < n).reshape(chunks, batch_size)
+    ys = jnp.pad(y, (0, pad), constant_values=-1).reshape(chunks, batch_size)
+    valid = ys >= 0
     if mesh is not None:  # each device evaluates its share of every chunk
         sharding = distributed.batch_sharding(mesh, axis=1)
         xs, ys, valid = (jax.lax.with_sharding_constraint(a, sharding) for a in (xs, ys, valid))
@@ -319,7 +321,7 @@ def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None,
     def chunk(args):
         xb, yb, vb = args
         logits = model.apply(variables, _cast(xb, dtype), train=False).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(yb, 0))
         correct = jnp.argmax(logits, -1) == yb
         return jnp.sum(losses * vb), jnp.sum(correct * vb)
 
@@ -330,23 +332,43 @@ def _eval_sums(model, params, batch_stats, mask, x, y, batch_size, mesh=None,
 def evaluate(trainer: Trainer, state: TrainState, mask: PyTree, x, y, *, batch_size: int = 1000,
              replicas: bool = False) -> dict:
     """Test loss and top-1 accuracy of the masked network (arrays of shape (K,) for replicas, by
-    the trainer's replica strategy)."""
+    the trainer's replica strategy). A streamed split (`x` a `data.stream.Column`; its labels
+    come with it) is read in chunks of `batch_size`, each process its rows of every chunk."""
     strategy = trainer.resolved_replica_strategy(state.params) if replicas else None
     if strategy == "sequential":
         out = [evaluate(trainer, s, m, x, y, batch_size=batch_size)
                for s, m in zip(unstack(state), unstack(mask))]
         return {k: np.stack([o[k] for o in out]) for k in out[0]}
     ev = _compiled_eval(trainer, strategy or False)
-    bs = min(batch_size, x.shape[0])
-    if trainer.mesh is None:
-        x, y = jnp.asarray(x), jnp.asarray(y)
-    else:  # chunks a multiple of the device count; padding is masked out
-        d = trainer.mesh.size
-        bs = -(-bs // d) * d
-        state, mask, x, y = distributed.replicate((state, mask, x, y), trainer.mesh)
-    loss, correct = ev(state.params, state.batch_stats, mask, x, y, bs)
-    n = x.shape[0]
+    mesh, n = trainer.mesh, x.shape[0]
+    bs = min(batch_size, n)
+    if mesh is not None:  # chunks a multiple of the device count; padding is masked out
+        bs = -(-bs // mesh.size) * mesh.size
+        state, mask = distributed.replicate((state, mask), mesh)
+    if isinstance(x, stream.Column):
+        loss, correct = _streamed_sums(ev, mesh, state, mask, x, bs)
+    else:
+        x, y = (jnp.asarray(x), jnp.asarray(y)) if mesh is None else \
+            distributed.replicate((x, y), mesh)
+        loss, correct = ev(state.params, state.batch_stats, mask, x, y, bs)
     return {"test_loss": np.asarray(loss) / n, "test_accuracy": np.asarray(correct) / n}
+
+
+def _streamed_sums(ev, mesh, state: TrainState, mask: PyTree, x: stream.Column, bs: int):
+    """`ev`'s summed loss and number correct over a streamed split, in chunks of `bs` (the last
+    padded with label -1), each process reading its rows of every chunk."""
+    chunks = -(-x.shape[0] // bs)
+    keys = np.arange(chunks * bs)
+    keys[x.shape[0]:] = -1
+    keys = keys.reshape(chunks, bs)
+    if mesh is not None:
+        keys = keys[:, distributed.local_rows(mesh, bs)]
+    loss = correct = 0
+    for xc, yc in stream.batches(x, keys):
+        xc, yc = batches.place(xc, yc, mesh, bs)
+        sums = ev(state.params, state.batch_stats, mask, xc, yc, bs)
+        loss, correct = loss + sums[0], correct + sums[1]
+    return loss, correct
 
 
 def all_finite(params: PyTree, replicas: bool = False) -> np.ndarray:
@@ -413,6 +435,11 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     With `trainer.mesh`, state and mask are replicated on its devices, every batch is split over
     them (each process transfers only its rows) and the returned state is replicated.
 
+    Streamed `data` (`lottery.data.stream`: x and y are `Column`s) trains with the 'steps' loop:
+    grain reads this process's rows of each step's batch, in the order above, ahead of the
+    step, and the test split in chunks; augment='imagenet' is then the host policy, applied as
+    the images are read. The batches are those the arrays in memory would give.
+
     `check_finite` (default): at each pause, a non-finite training loss (of any replica), and at
     eval points a non-finite weight, raises `DivergenceError` (a ValueError) before evaluating
     or calling `callback`, so a diverged state is never saved or pruned from. Cheap: the loss is
@@ -424,6 +451,10 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     """
     n = int(data.x_train.shape[0])
     spe = trainer.steps_per_epoch(n)
+    streamed = stream.streamed(data)  # read while training: see lottery.data.stream
+    host_augment = streamed and trainer.augment in stream.HOST_AUGMENTATIONS
+    if host_augment:  # the images get the host train policy as they are read
+        trainer = trainer._replace(augment="none")
     if num_steps <= 0:
         raise ValueError(f"num_steps={num_steps}: must be > 0")
     update = () if mask_update is None else (mask_update.args,)  # the update's traced args
@@ -446,6 +477,11 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
     loop = trainer.resolved_loop(state.params, replicas)
     if loop not in LOOPS[1:]:
         raise ValueError(f"loop={trainer.loop!r}: expected one of {LOOPS}")
+    if streamed and loop == "scan":  # 'scan' holds the whole training split on device
+        if trainer.loop == "scan":
+            raise ValueError("loop='scan' holds the training split on device; a streamed "
+                             "dataset trains with loop='steps' (or 'auto')")
+        loop = "steps"
     x_dev = y_dev = None
     if loop == "scan" and mesh is None:
         x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -458,12 +494,23 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         """Steps at positions a..b-1 of the current epoch; `order[i]` is step i's indices."""
         if loop == "scan":
             return epoch_fn(*update, state, mask, x_dev, y_dev, a, b)
+        feed = None
+        if streamed:  # grain reads this process's rows of steps a..b-1 ahead of them
+            keys = order[a:b] if rows is None else order[a:b][..., rows]
+            aug = (np.asarray(state.key), int(np.asarray(state.step).reshape(-1)[0]),
+                   0 if rows is None else rows.start) if host_augment else None
+            feed = stream.batches(data.x_train, keys, augment=aug)
         total = 0.0
-        for i in range(a, b):
-            xb, yb = batches.host_batch(data, order[i], mesh, rows)
-            state, *new, loss = step_fn(*update, state, mask, xb, yb)
-            mask = new[0] if new else mask
-            total = total + loss
+        try:
+            for i in range(a, b):
+                xb, yb = batches.place(*next(feed), mesh, trainer.batch_size) if streamed \
+                    else batches.host_batch(data, order[i], mesh, rows)
+                state, *new, loss = step_fn(*update, state, mask, xb, yb)
+                mask = new[0] if new else mask
+                total = total + loss
+        finally:
+            if feed is not None:
+                feed.close()
         return state, mask, total
 
     history = []

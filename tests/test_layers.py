@@ -34,7 +34,8 @@ LAYERS = {
                "lottery.models.vit", "lottery.models.mnist1d",
                "lottery.data", "lottery.data.mnist5k", "lottery.data.mnist1d",
                "lottery.data.transforms", "lottery.data.registry", "lottery.data.tfds_source",
-               "lottery.data.stats", "lottery.data.download", "lottery.checkpoints", "lottery.distributed",
+               "lottery.data.stats", "lottery.data.download", "lottery.data.stream",
+               "lottery.checkpoints", "lottery.distributed",
                "lottery.config", "lottery.compact", "lottery.compact.units",
                "lottery.compact.resnet", "lottery.sparse"],
     "run dirs": ["lottery.rundir", "lottery.runs"],
@@ -55,12 +56,13 @@ HEAVY = {
     ("lottery.config", "lottery.prune"): "as above",
     ("lottery.config", "lottery.scorers"): "as above",
     ("lottery.config", "lottery.train"): "as above",
+    ("lottery.config", "lottery.groups"): "as above (structure='groups' derives the groups)",
     ("lottery.data", "lottery.data.mnist5k"): "TFDS builders: tensorflow_datasets is slow to "
                                               "import and only needed to prepare a dataset",
     ("lottery.data", "lottery.data.mnist1d"): "as above",
-    ("lottery.data", "lottery.data.transforms"): "jax and PIL: only to read datasets of images "
-                                                 "of varying size",
-    ("lottery.data.stats", "lottery.data.transforms"): "as above: only to compute the "
+    ("lottery.data", "lottery.data.stream"): "jax and PIL (its reader's transforms), grain: "
+                                             "only to read a dataset's records",
+    ("lottery.data.stats", "lottery.data.transforms"): "jax and PIL: only to compute the "
                                                        "statistics of a TFDS image dataset",
 }
 

@@ -609,23 +609,30 @@ def _vit_params():
 
 def test_vit_attention_and_mlp_kernels_prunable_by_default():
     """Default rule: the 3-D attention kernels, MLP, patch and head kernels are prunable, the
-    LayerNorm parameters are not; the config's `exclude` drops what ndim >= 2 also catches."""
+    LayerNorm parameters are not; a config's default `exclude='out'` keeps the head dense."""
     from lottery import config
 
     params = _vit_params()
     prunable = set(masks.prunable_paths(masks.prunable(params)))
     assert VIT_KERNELS <= prunable
     assert not any("/ln" in p or p.startswith("norm/") for p in prunable)
-    exclude = config.split("out,cls,pos_embedding,.*/attn/(query|key|value)/bias")
-    assert set(masks.prunable_paths(masks.prunable(params, exclude=exclude))) == \
-        VIT_KERNELS - {"out/kernel"}
+    rates = config.prunable(config.base(), params)
+    assert set(masks.prunable_paths(rates)) == VIT_KERNELS - {"out/kernel"}
 
 
-@pytest.mark.xfail(strict=True, reason="masks.default_prunable is ndim >= 2: it also prunes the "
-                   "ViT's cls, pos_embedding and 2-D attention biases; remove this marker when "
-                   "the default rule prunes only leaves named 'kernel'")
 def test_vit_default_rule_prunes_only_kernels():
-    assert set(masks.prunable_paths(masks.prunable(_vit_params()))) == VIT_KERNELS
+    """Not the class token, the position embedding or the 2-D (heads, head_dim) attention
+    biases, although they have ndim >= 2."""
+    params = _vit_params()
+    assert set(masks.prunable_paths(masks.prunable(params))) == VIT_KERNELS
+    assert {"cls", "pos_embedding", "block0/attn/query/bias"} <= \
+        {p for p in masks.paths(params) if np.ndim(_leaf(params, p)) >= 2}
+
+
+def _leaf(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
 
 
 def test_resnet50_prunable_leaves_are_the_conv_and_dense_kernels():

@@ -2,6 +2,8 @@
 
 `load(name)` returns a `Dataset` of float32 inputs, channels-last, normalized per channel with
 `normalization(name)`, and int32 labels. Batching and shuffling are left to the training engine.
+Datasets too large for memory (`input='stream'`, or 'auto' above `STREAM_ABOVE` bytes) come as
+`stream.Column`s in place of the arrays, read by grain while training runs (`lottery.data.stream`).
 
 Every dataset is read with `builder.as_data_source(...)` from ArrayRecord files in a data dir:
 the `data_dir` argument, else the `LOTTERY_DATA_DIR` environment variable, else TFDS's default
@@ -33,7 +35,8 @@ this `__init__` holds `load`, `info`, `input_shape`, `normalization`, `builder` 
 `registry` the names, `Dataset` and `register`; `tfds_source` what a TFDS dataset's
 `DatasetInfo` says (`Info`) and reading its records; `stats` its cached normalization statistics;
 `download` the data dir and downloading; `mnist5k`, `mnist1d` the offline builders;
-`transforms` resizing and augmenting images; `cli` `lottery prepare`.
+`transforms` resizing and augmenting images; `stream` reading records into what `load` returns,
+and streaming them with grain; `cli` `lottery prepare`.
 """
 
 from __future__ import annotations
@@ -55,11 +58,13 @@ from lottery.data.tfds_source import READ_CHUNK, Info, image_info, read_records,
 
 DEFAULT_IMAGE_SIZE = 224  # images of varying size: eval-transformed to this size by default
 STATS_MAX_EXAMPLES = 50_000  # training images the statistics are computed from, at most
+INPUTS = ("auto", "memory", "stream")  # how `load` gives the splits: see `load`
+STREAM_ABOVE = 4 * 2**30  # input='auto' streams datasets whose float32 arrays exceed this
 
-__all__ = ["DATASETS", "DEFAULT_IMAGE_SIZE", "ENV_VAR", "OFFLINE_DATASETS", "STATS_FILE",
-           "STATS_MAX_EXAMPLES", "Dataset", "DatasetNotFoundError", "Info", "builder", "check",
-           "info", "input_shape", "load", "names", "normalization", "num_classes", "prepare",
-           "register", "resolve_data_dir", "unregister"]
+__all__ = ["DATASETS", "DEFAULT_IMAGE_SIZE", "ENV_VAR", "INPUTS", "OFFLINE_DATASETS",
+           "STATS_FILE", "STATS_MAX_EXAMPLES", "STREAM_ABOVE", "Dataset", "DatasetNotFoundError",
+           "Info", "builder", "check", "info", "input_shape", "load", "names", "normalization",
+           "num_classes", "prepare", "register", "resolve_data_dir", "unregister"]
 
 
 class _Spec(NamedTuple):
@@ -252,61 +257,58 @@ def _check_memory(name: str, counts: list[int], shape: tuple[int, ...]) -> None:
     if need > have:
         raise ValueError(f"dataset {name!r}: {sum(counts):,} examples of shape {shape} need "
                          f"{need / 2**30:.1f} GiB in memory, more than this machine's "
-                         f"{have / 2**30:.1f} GiB; load a smaller image_size (streaming "
-                         f"loading is not implemented yet)")
+                         f"{have / 2**30:.1f} GiB; stream it (input='stream') or load a "
+                         f"smaller image_size")
 
 
-def _read(b, split: str, inf: Info, size: int | None, shape: tuple[int, ...], scale: float,
-          mean, std) -> tuple[np.ndarray, np.ndarray]:
-    """All records of one split as (x float32 normalized, y int32), read in bulk; each image
-    eval-transformed to size x size when `size` is set."""
-    from lottery.data import transforms  # noqa: PLC0415
-
-    source = b.as_data_source(split=split)
-    n = len(source)
+def _read(reader) -> tuple[np.ndarray, np.ndarray]:
+    """All records of a `stream.Reader`'s split as (x float32 normalized, y int32), read in
+    bulk chunks; the inputs are held as stored (uint8 pixels) until the end."""
+    n = len(reader)
     stored = None
     y = np.empty((n,), np.int32)
-    images = len(shape) == 3 and inf.name not in _SPECS  # built-ins are stored as loaded
-
-    def example(r):
-        x = np.asarray(r[inf.image_key])
-        if images:
-            x = transforms.as_channels(x, shape[-1])
-        return x if size is None else transforms.eval_transform(x, size)
-
     for start in range(0, n, READ_CHUNK):
         keys = range(start, min(start + READ_CHUNK, n))
-        records = read_records(source, keys)
-        xs = np.stack([example(r) for r in records])
+        records = read_records(reader.source(), keys)
+        xs = reader.decode(records)
         if stored is None:
             stored = np.empty((n,) + xs.shape[1:], xs.dtype)
         stored[start:start + len(keys)] = xs
-        y[start:start + len(keys)] = [int(r[inf.label_key]) for r in records]
+        y[start:start + len(keys)] = reader.labels(records)
     if stored is None:
-        stored = np.empty((0,) + shape, np.float32)
-    x = stored.reshape((n,) + shape).astype(np.float32)
-    x /= np.float32(scale)
-    x -= np.asarray(mean, np.float32)
-    x /= np.asarray(std, np.float32)
-    return x, y
+        return np.empty((0,) + reader.shape, np.float32), y
+    return reader.normalize(stored, (n,)), y
 
 
 def load(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
-         image_size: int | None = None) -> Dataset:
-    """Train and test splits of `name` as numpy arrays: a built-in name (`DATASETS`), a name
-    given to `register`, or a TFDS image-classification dataset (see the module docstring).
+         image_size: int | None = None, input: str = "auto",
+         workers: int | None = None) -> Dataset:
+    """Train and test splits of `name`: a built-in name (`DATASETS`), a name given to
+    `register`, or a TFDS image-classification dataset (see the module docstring).
 
     x is float32 of shape (N,) + `input_shape(name, image_size=...)`, normalized with
     `normalization(name)`; y is int32 in [0, num_classes). Images of varying size, and every
     image when `image_size` differs from the stored size, are eval-transformed (resize + central
     crop) to `image_size` (default `DEFAULT_IMAGE_SIZE` for varying sizes). `download=True` lets
     TFDS download and prepare a missing dataset, as `lottery prepare NAME` does.
+
+    `input` (`INPUTS`): 'memory' reads every split into numpy arrays; 'stream' returns
+    `lottery.data.stream.Column`s in their place, read while training runs (by grain, in
+    `workers` processes, default `stream.WORKERS`); 'auto' streams when the float32 arrays
+    would take more than `STREAM_ABOVE` bytes. Registered arrays are always in memory.
     """
+    if input not in INPUTS:
+        raise ValueError(f"input={input!r}: expected one of {', '.join(INPUTS)}")
     inf = info(name, data_dir=data_dir)
     source = registered(name)
     if isinstance(source, Dataset):
+        if input == "stream":
+            raise ValueError(f"input='stream': dataset {name!r} is registered as arrays, "
+                             f"which are held in memory")
         input_shape(name, image_size=image_size)  # rejects a resize of registered arrays
         return source._replace(name=name)
+    from lottery.data import stream  # noqa: PLC0415
+
     size = _size(inf, image_size)
     shape = inf.shape if size is None else (size, size, inf.shape[-1])
     b = prepare(name, data_dir=data_dir, download=download)
@@ -316,7 +318,14 @@ def load(name: str, *, data_dir: str | os.PathLike | None = None, download: bool
     else:
         splits, scale = train_test_splits(b, name), 255.0
         mean, std = normalization_stats(b, inf, STATS_MAX_EXAMPLES)
-    _check_memory(name, [b.info.splits[s].num_examples for s in splits], shape)
-    x_train, y_train = _read(b, splits[0], inf, size, shape, scale, mean, std)
-    x_test, y_test = _read(b, splits[1], inf, size, shape, scale, mean, std)
+    images = len(shape) == 3 and name not in _SPECS  # built-ins are stored as loaded
+    train, test = (stream.Reader(b, s, inf, shape, size, scale, mean, std, images)
+                   for s in splits)
+    counts = [len(train), len(test)]
+    if input == "stream" or (input == "auto" and
+                             sum(counts) * math.prod(shape) * 4 > STREAM_ABOVE):
+        return stream.dataset(train, test, inf.num_classes, name, workers)
+    _check_memory(name, counts, shape)
+    x_train, y_train = _read(train)
+    x_test, y_test = _read(test)
     return Dataset(x_train, y_train, x_test, y_test, inf.num_classes, name)

@@ -14,14 +14,19 @@ The package, by what each module holds (every name below is importable from `lot
 
 - `structure`: `Member`, `Group`, `Groups` and `derive`, which reads them off the model traced
   with `jax.make_jaxpr` (`analysis` follows index classes, the union-find of `classes`, through
-  the jaxpr; `jaxprs` knows its primitives), `summary`;
+  the jaxpr; `jaxprs` knows its primitives), `of_model` (derive, cached, for a `lottery.models`
+  module), `summary`;
 - `channels`: channel masks (a tuple of bool vectors, one per group) and weight masks: `init`,
   `alive`, `expand` (every params slice of a removed channel zeroed, under jit), `unread`, `take`
   (what `lottery.compact` uses);
 - `scorers`: `scorer(groups, params, mask, inputs) -> one float vector per group`, HIGHER = KEEP:
   `l1`, `l2`, `norm`, `bn_scale`, `taylor`, `weighted_sum`, `get`;
 - `density`: `to_density` (round-half-up(density * channels), globally or per group, by
-  `lottery.prune.to_density`'s rules) and `prune` (score -> `to_density` -> `expand`).
+  `lottery.prune.to_density`'s rules), and score -> select -> `expand` in one call: `prune` (to a
+  density), `remove_fraction` (an IMP level: round-half-up(fraction * alive channels) go),
+  `prune_to_counts` (AGP's precomputed counts, under jit); `random_like` (the random-pruning
+  control: random channels at the same count per group), `prunable` / `excluded` (which groups
+  are pruned) and `resolve` (a model's groups and exclusions for a config, checked up front).
 
 Known limits: one traced input shape (a model whose groups depend on the input shape needs the
 shape it will see); size-1 axes carry no class (a 1-channel layer is not a group); channels read
@@ -31,11 +36,14 @@ producers, but `unread` never reports them removable; ops the analysis does not 
 
 from lottery.groups.channels import Channels, alive, expand, init, take, unread
 from lottery.groups.classes import GroupError
-from lottery.groups.density import GROUP_SCOPES, prune, to_density
+from lottery.groups.density import (GROUP_SCOPES, excluded, prunable, prune, prune_to_counts,
+                                    random_like, remove_fraction, resolve, to_density)
 from lottery.groups.scorers import (MEMBERS, SCORERS, GroupScorer, bn_scale, get, l1, l2, norm,
                                     taylor, weighted_sum)
-from lottery.groups.structure import Group, Groups, Member, derive, summary
+from lottery.groups.structure import Group, Groups, Member, derive, of_model, summary
 
 __all__ = ["Channels", "GROUP_SCOPES", "GroupError", "GroupScorer", "Group", "Groups", "MEMBERS",
-           "Member", "SCORERS", "alive", "bn_scale", "derive", "expand", "get", "init", "l1", "l2",
-           "norm", "prune", "summary", "take", "taylor", "to_density", "unread", "weighted_sum"]
+           "Member", "SCORERS", "alive", "bn_scale", "derive", "excluded", "expand", "get", "init",
+           "l1", "l2", "norm", "of_model", "prunable", "prune", "prune_to_counts", "random_like",
+           "remove_fraction", "resolve", "summary", "take", "taylor", "to_density", "unread",
+           "weighted_sum"]

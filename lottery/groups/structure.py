@@ -1,15 +1,18 @@
 """The groups of one model: `Member` (one slice family), `Group` (channels kept or removed
-together), `Groups`, and `derive`, which reads them off the traced model; `summary` prints them.
+together), `Groups`, and `derive`, which reads them off the traced model (`of_model`: cached, for
+a `lottery.models` module); `summary` prints them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lottery import masks
@@ -169,6 +172,27 @@ def derive(model: nn.Module | Callable, variables: PyTree, x, **apply_kwargs) ->
     an = analyze(closed, keys + [None] * n_x, [False] * len(keys) + [True] * n_x)
     groups, excluded, _ = build(an, shapes)
     return Groups(groups, excluded)
+
+
+def of_model(model: nn.Module, variables: PyTree, input_shape: Sequence[int]) -> Groups:
+    """`derive` for a `lottery.models`-style module (applied with train=False) on one example of
+    `input_shape`, abstractly. Cached per (model, variable shapes, input shape): a run's levels
+    share one `Groups`, so the group functions jitted on it compile once."""
+    leaves, treedef = jax.tree.flatten(variables)
+    shapes = tuple(tuple(np.shape(x)) for x in leaves)
+    try:
+        hash(model)
+    except TypeError:  # a module with an unhashable field: derive it every time
+        return _of_model.__wrapped__(model, treedef, shapes, tuple(input_shape))
+    return _of_model(model, treedef, shapes, tuple(int(d) for d in input_shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _of_model(model, treedef, shapes, input_shape) -> Groups:
+    variables = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, jnp.float32)
+                                             for s in shapes])
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return derive(model, variables, x, train=False)
 
 
 def summary(groups: Groups) -> str:

@@ -20,13 +20,12 @@ returns a `flax.linen.Module` (a Module class with a `num_classes` field is such
 module must take `(x, train=...)` like the models here. `check` builds it, initializes it on an
 input shape and checks the logits' shape, raising a one-line ValueError naming what failed.
 
-Prunable by default (`lottery.masks.prunable`: leaves with ndim >= 2): every Dense and conv kernel,
-including `out/kernel`, the ViT's `patch_embed/kernel` and its attention kernels
-`attn/{query,key,value}/kernel` (dim, heads, head_dim) and `attn/out/kernel` (heads, head_dim,
-dim); not biases, BN and LayerNorm parameters. The ViT's attention biases (heads, head_dim), `cls`
-(1, 1, dim) and `pos_embedding` (1, tokens, dim) also have ndim >= 2: exclude them in a ViT
-config (`exclude="out,cls,pos_embedding,.*/attn/(query|key|value)/bias"`) until the default rule
-prunes only leaves named `kernel`.
+Prunable by default (`lottery.masks.default_prunable`: leaves named `kernel` with ndim >= 2):
+every Dense and conv kernel, including `out/kernel` (configs exclude it by default), the ViT's
+`patch_embed/kernel` and its attention kernels `attn/{query,key,value}/kernel` (dim, heads,
+head_dim) and `attn/out/kernel` (heads, head_dim, dim); not biases, BN and LayerNorm parameters,
+nor the ViT's `cls` (1, 1, dim), `pos_embedding` (1, tokens, dim) and attention biases (heads,
+head_dim), although they have ndim >= 2. A config's `include` prunes other leaves.
 
 Initialisation: Kaiming-normal kernels (fan_in, ReLU gain sqrt(2), untruncated, as PyTorch's
 `kaiming_normal_` that OpenLTH uses), except Conv-2/4/6 (Glorot normal, as in the lottery-ticket
