@@ -35,7 +35,7 @@ STRUCTURES = {"find-ticket": ("weights", "groups"), "oneshot": ("weights", "unit
 UNHASHED = ("levels", "data_dir", "loop", "progress", "controls", "control_seeds",
             "control_levels", "checkpoint_seconds", "eval_batch_size",
             "scorers", "compressions", "densities", "ablations", "devices", "replica_strategy",
-            "tensorboard")
+            "tensorboard", "download")
 
 
 def base() -> ml_collections.ConfigDict:
@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
     # data and model
     c.dataset = "mnist5k"
     c.data_dir = ""  # '' = $LOTTERY_DATA_DIR or TFDS's default
+    c.download = False  # a TFDS dataset not yet prepared: download and prepare it on first use
     c.image_size = 0  # TFDS datasets of varying image size: resize + center crop to this (0: 224)
     # auto (stream above data.STREAM_ABOVE bytes) | memory | stream (read by grain while training)
     c.input = "auto"

@@ -38,6 +38,7 @@ class Setup:
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
         self.data = data_lib.load(cfg.dataset, data_dir=cfg.data_dir or None,
+                                  download=cfg.get("download", False),
                                   image_size=cfg.get("image_size") or None,
                                   input=cfg.get("input", "auto"))
         self.spe = train_lib.Trainer(None, None, cfg.batch_size).steps_per_epoch(

@@ -130,14 +130,16 @@ class Trainer(NamedTuple):
             else "scan"
 
     def resolved_replica_strategy(self, params, replicas: bool = True) -> str:
-        """'auto': 'vmap' for networks without conv kernels, one after the other for conv nets
-        ('sequential'). Vmapped convolutions become grouped convolutions, which are slower than
-        K separate ones: on an H200, 4 vmapped ResNet-20 replicas took 1.42x as long as 4
-        sequential runs; on CPU they are slower too (benchmarks/replicas.py). `replicas`:
-        `params` carry a leading replica axis."""
+        """'auto': 'vmap' for networks without conv kernels (and for a single replica), one after
+        the other for conv nets ('sequential'). Vmapped convolutions become grouped convolutions
+        (`benchmarks/replicas.py` prints what XLA is given), slower than K separate ones: on an
+        H200, 4 vmapped ResNet-20 replicas took 1.42x as long as 4 sequential runs; on CPU they
+        are slower too (benchmarks/replicas.py). `replicas`: `params` carry a leading replica
+        axis."""
         if self.replica_strategy != "auto":
             return self.replica_strategy
-        return "sequential" if _has_conv(params, replicas) else "vmap"
+        one = replicas and jax.tree.leaves(params)[0].shape[0] == 1  # no grouped convs
+        return "sequential" if _has_conv(params, replicas) and not one else "vmap"
 
 
 LOOPS = ("auto", "scan", "steps")
@@ -487,6 +489,10 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
         x_dev, y_dev = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     elif loop == "scan":  # the whole split on every device; each step's batch is split in jit
         x_dev, y_dev = distributed.replicate((data.x_train, data.y_train), mesh)
+    test = (data.x_test, data.y_test)  # on device once, for every evaluation of this call
+    if not streamed:
+        test = jax.tree.map(jnp.asarray, test) if mesh is None else \
+            distributed.replicate(test, mesh)
     # 'sequential': the replicas as lists of single-ticket states and masks, stacked at pauses
     states, rmasks = (unstack(state), unstack(mask)) if sequential else ([state], [mask])
 
@@ -545,8 +551,7 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
                 bar.close()
                 raise
         if is_eval:
-            record.update(evaluate(trainer, state, mask, data.x_test, data.y_test,
-                                   replicas=replicas))
+            record.update(evaluate(trainer, state, mask, *test, replicas=replicas))
         history.append(record)
         bar.update(stop - pos)
         if "test_accuracy" in record:
@@ -559,11 +564,21 @@ def train(trainer: Trainer, state: TrainState, mask: PyTree, data, *, num_steps:
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
-    """Stack K pytrees of the same structure along a new leading replica axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    """Stack K pytrees of the same structure along a new leading replica axis (one compiled
+    call, not one per leaf: 'sequential' replicas stack at every pause)."""
+    return _stack(list(trees))
 
 
 def unstack(tree: PyTree) -> list[PyTree]:
     """The K pytrees of a replica-stacked pytree."""
-    k = jax.tree.leaves(tree)[0].shape[0]
+    return _unstack(tree, jax.tree.leaves(tree)[0].shape[0])
+
+
+@jax.jit
+def _stack(trees: list[PyTree]) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree: PyTree, k: int) -> list[PyTree]:
     return [jax.tree.map(lambda x: x[i], tree) for i in range(k)]

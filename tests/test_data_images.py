@@ -20,6 +20,7 @@ from PIL import Image
 from lottery import cli, config, data
 from lottery.data import transforms as T
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "lottery_test_images"  # a name TFDS does not know: found as files in the data dir
 CLASSES = ("circle", "square", "stripes", "dots")
 N_TRAIN, N_TEST = 240, 60
@@ -476,3 +477,18 @@ def test_user_model_and_dataset_run_find_ticket_and_prune_at_init(root, tmp_path
             ("magnitude", 1), ("magnitude", 10), ("snip", 1), ("snip", 10)}
     finally:
         sys.modules.pop("usernet", None)
+
+
+def test_config_download_prepares_on_first_use(tmp_path, no_download, capsys):
+    """`--config.download=true` asks TFDS to download a dataset that is not prepared (offline:
+    the one line saying where to put the files), without it the one line says how to prepare;
+    either way before anything is written."""
+    work = tmp_path / "runs"
+    base = ["find-ticket", "--config", os.path.join(ROOT, "configs", "conv2_cifar10.py"),
+            f"--config.data_dir={tmp_path / 'data'}", "--workdir", str(work)]
+    assert cli.main(base) == 2
+    assert "`lottery prepare cifar10" in capsys.readouterr().err
+    assert cli.main([*base, "--config.download=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unreachable" in err and "cifar-10-binary" in err
+    assert not work.exists() or not os.listdir(work)  # no run directory

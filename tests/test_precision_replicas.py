@@ -169,6 +169,7 @@ def test_auto_strategy_and_loop_look_at_one_replica():
     assert trainer.resolved_loop(states.params, replicas=True) == "scan"  # stacked kernels 3-D
     conv = BNNet().init(jax.random.key(0), data.x_train[:1])["params"]
     assert trainer.resolved_replica_strategy(T.stack([conv, conv])) == "sequential"
+    assert trainer.resolved_replica_strategy(T.stack([conv])) == "vmap"  # one: no grouped conv
     assert trainer._replace(replica_strategy="map").resolved_replica_strategy(conv) == "map"
     with pytest.raises(ValueError, match="replica_strategy='pmap'"):
         T.train(trainer._replace(replica_strategy="pmap"), states, rmasks, data, num_steps=1,
