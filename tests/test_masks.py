@@ -96,7 +96,8 @@ def test_jaccard():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+@given(st.sampled_from((1, 5, 40)), st.sampled_from((1, 7, 33)), st.floats(0.0, 1.0),
+       st.integers(0, 2**31 - 1))  # few shapes: each new one compiles, the counts are the test
 def test_random_like_keeps_exact_per_layer_counts(rows, cols, density, seed):
     p = {"a": {"kernel": jnp.zeros((rows, cols))}, "b": {"kernel": jnp.zeros((cols, 3)),
                                                          "bias": jnp.zeros(3)}}
