@@ -10,8 +10,6 @@ real `checkpoints.save` and a JSON of facts, and the tests below compare those h
 import functools
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -20,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import _processes as processes
 
 from lottery import checkpoints, distributed, gradual, masks, scorers
 from lottery import train as T
@@ -235,48 +234,16 @@ def worker_process(out):
 # The fixture: start the workers, compute the 1-device references meanwhile
 
 
-def _env(devices, **extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROC",
-                                "JAX_PROCESS_ID"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", **extra)
-    return env
-
-
-def _start(role, out, env):
-    log = open(os.path.join(out, f"{role}{env.get('JAX_PROCESS_ID', '')}.log"), "w")
-    return subprocess.Popen([sys.executable, __file__, role, out], env=env, stdout=log,
-                            stderr=subprocess.STDOUT), log.name
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _wait(procs, timeout=240):
-    deadline = time.monotonic() + timeout
-    for p, log in procs:
-        try:
-            p.wait(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-        if p.returncode != 0:
-            with open(log) as f:
-                tail = f.read()[-3000:]
-            pytest.fail(f"worker {p.args[2]} exited with {p.returncode}:\n{tail}")
+def _start(role, out, environ):
+    log = os.path.join(out, f"{role}{environ.get('JAX_PROCESS_ID', '')}.log")
+    return processes.start(__file__, [role, out], log, environ)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sharding"))
-    port = _free_port()
-    procs = [_start("process", out, _env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    port = processes.free_port()
+    procs = [_start("process", out, processes.process_env(2, port, i)) for i in range(2)]
     ref = {}
     data, model, variables, mask, tx = problem()
     trainer = T.Trainer(model, tx, BATCH, loop="steps")
@@ -284,7 +251,7 @@ def runs(tmp_path_factory):
     half, h1 = T.train(trainer, state, mask, data, num_steps=HALF, eval_every=HALF,
                        progress=False)
     checkpoints.save(os.path.join(out, "half"), half)
-    procs.append(_start("devices4", out, _env(4)))
+    procs.append(_start("devices4", out, processes.env(4)))
     ref["state"] = state
     ref["steps"], h2 = T.train(trainer, half, mask, data, num_steps=STEPS, eval_every=HALF,
                                progress=False)
@@ -310,7 +277,7 @@ def runs(tmp_path_factory):
     ref["snip"] = jax.jit(scorers.snip)(variables["params"], mask, inputs)
     ref["grasp"] = jax.jit(scorers.grasp)(variables["params"], mask, inputs)
 
-    _wait(procs)
+    processes.wait(procs)
     facts = {}
     for name in ("devices4", "process0", "process1"):
         with open(os.path.join(out, f"{name}.json")) as f:

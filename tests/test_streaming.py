@@ -11,16 +11,14 @@ IMP, 2,000 + 400 JPEGs of 10..47 px. The multi-process job runs as 2 subprocesse
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import _processes as processes
 from PIL import Image
 from test_data_images import NAME, VaryingImages
 
@@ -286,41 +284,18 @@ def worker_process(root, out):
         json.dump(facts, f)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_processes(root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("stream_processes"))
-    port = _free_port()
-    procs = []
-    for i in range(2):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "JAX_NUM_PROC",
-                                    "JAX_PROCESS_ID"))}
-        env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(i))
-        log = open(os.path.join(out, f"process{i}.log"), "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, "process", root, out],
-                                       env=env, stdout=log, stderr=subprocess.STDOUT), log.name))
+    port = processes.free_port()
+    procs = [processes.start(__file__, ["process", root, out],
+                             os.path.join(out, f"process{i}.log"),
+                             processes.process_env(2, port, i)) for i in range(2)]
     # meanwhile, the reference: one device, the arrays in memory
     model, mask, state = problem()
     ref, hist = T.train(T.Trainer(model, TX, BATCH, loop="steps"), state, mask,
                         load(root, "memory"), num_steps=STEPS, eval_every=STEPS, progress=False)
-    deadline = time.monotonic() + 300
-    for p, log in procs:
-        try:
-            p.wait(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-        if p.returncode != 0:
-            with open(log) as f:
-                pytest.fail(f"process exited with {p.returncode}:\n{f.read()[-3000:]}")
+    processes.wait(procs, timeout=300)
     facts = []
     for i in range(2):
         with open(os.path.join(out, f"process{i}.json")) as f:
