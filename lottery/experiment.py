@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lottery import checkpoints, config as config_lib, data as data_lib, distributed, masks
+from lottery import checkpoints, config as config_lib, data as data_lib, distributed
+from lottery import groups as groups_lib, masks
 from lottery import models, optim, rundir, steps as steps_lib, train as train_lib
 
 PyTree = Any
@@ -80,6 +81,12 @@ class Setup:
         s.key = jax.random.key(seed)
         s.variables = models.init(s.model, jax.random.fold_in(s.key, 0), s.input_shape)
         return s
+
+    def groups(self):
+        """(channel groups, excluded group indices) of the model, for structure='groups': the
+        config's `group_scorer` and rates (`lottery.groups.resolve`; the derivation is cached)."""
+        return groups_lib.resolve(self.model, self.variables, self.input_shape,
+                                  scorer=self.cfg.group_scorer, rates=self.rates)
 
     def fresh_state(self, variables, tx=None, mask=None):
         return train_lib.init_state(variables, tx or self.tx, jax.random.fold_in(self.key, 1), mask)

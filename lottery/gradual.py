@@ -294,8 +294,7 @@ def _agp_level(setups, run_dirs, inits, callback) -> None:
     mask = masks.init(inits[0]["params"])
     units, rates, g = mask, s.rates, None
     if cfg.structure == "groups":  # the schedule counts channels
-        g, skip = groups_lib.resolve(s.model, s.variables, s.input_shape,
-                                     scorer=cfg.group_scorer, rates=s.rates)
+        g, skip = s.groups()
         units, rates = groups_lib.init(g), groups_lib.prunable(g, skip)
     schedule = agp_schedule(units, rates, final_density=cfg.final_density,
                             start=_parse(cfg, "prune_start", s.spe),
@@ -350,8 +349,7 @@ def _scoring_inputs(s: Setup, trained: train_lib.TrainState) -> scorers.Inputs:
 def _prune_once(s: Setup, trained: train_lib.TrainState, mask: PyTree) -> PyTree:
     """Level 1's mask: `oneshot_mask` of level 0's trained weights, as the config asks."""
     cfg = s.cfg
-    g = groups_lib.resolve(s.model, s.variables, s.input_shape, scorer=cfg.group_scorer,
-                           rates=s.rates)[0] if cfg.structure == "groups" else None
+    g = s.groups()[0] if cfg.structure == "groups" else None
     return oneshot_mask(trained.params, mask, _scoring_inputs(s, trained),
                         density=cfg.final_density, scorer=cfg.scorer, scope=cfg.scope,
                         structure=cfg.structure, unit_norm=cfg.unit_norm, rates=s.rates,

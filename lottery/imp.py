@@ -68,7 +68,7 @@ def _prune_mask(s: Setup, run_dir: str, level: int, prev_final: train_lib.TrainS
         inputs = distributed.shard_inputs(inputs, s.mesh)
         params, mask = distributed.replicate((params, mask), s.mesh)
     if s.cfg.structure == "groups":  # whole channel groups: lottery.groups.remove_fraction
-        g, skip = _groups(s)
+        g, skip = s.groups()
         out, _ = groups.remove_fraction(g, s.cfg.group_scorer, params, mask, s.cfg.fraction,
                                         inputs=inputs, scope=s.cfg.scope, exclude=skip)
         return jax.tree.map(np.asarray, out) if s.mesh is not None else out
@@ -80,18 +80,12 @@ def _prune_mask(s: Setup, run_dir: str, level: int, prev_final: train_lib.TrainS
                                  count_basis=config_lib.count_basis(s.cfg, s.variables["params"]))
 
 
-def _groups(s: Setup):
-    """(channel groups, excluded group indices) of a structure='groups' run's model."""
-    return groups.resolve(s.model, s.variables, s.input_shape, scorer=s.cfg.group_scorer,
-                          rates=s.rates)
-
-
 def _random_mask(s: Setup, mask: PyTree, key: jax.Array) -> PyTree:
     """The random-pruning control's mask: the ticket's weight count in every layer, drawn at
     random; for structure='groups', random whole channels, as many per group as the ticket keeps
     (so every layer keeps the ticket's input and output channel counts)."""
     if s.cfg.structure == "groups":
-        g, skip = _groups(s)
+        g, skip = s.groups()
         return groups.random_like(g, mask, key, exclude=skip)
     return masks.random_like(mask, key, s.rates)
 
